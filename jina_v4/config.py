@@ -1,0 +1,304 @@
+"""Frozen configs parsed from the released JSON files, keeping the released field names.
+
+Files: `config.json` (Qwen2.5-VL + the Jina fields), `adapters/adapter_config.json` (peft LoRA),
+`preprocessor_config.json` (Qwen2-VL image processor), `tokenizer_config.json`. A missing or mistyped field
+is a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(value: Any, tp: Any, file: str, key: str) -> Any:
+    """Validate `value` against a type hint; return it (lists become tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = ConfigError(f"{file}: key '{key}' should be {_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(value, arg, file, key)
+            except ConfigError:
+                pass
+        raise wrong
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return tuple(_check(v, args[0], file, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise wrong
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise wrong
+    return value
+
+
+def _name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_name(args[0])}"
+    if tp is dict:
+        return "an object"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def parse(cls: type, data: dict, file: str, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from `data`, reading each field under its released name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: '{prefix.rstrip('.') or '<root>'}' should be an object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{file}: key '{prefix}{f.name}' is missing")
+            continue
+        values[f.name] = _check(data[f.name], hints[f.name], file, prefix + f.name)
+    return cls(**values)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """`text_config` of config.json (the Qwen2.5-VL language model)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mrope_section(self) -> tuple[int, ...]:
+        return tuple(self.rope_scaling["mrope_section"])
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """`vision_config` of config.json (the Qwen2.5-VL vision tower)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int = 3
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class JinaV4Config:
+    """config.json: the backbone configs plus the Jina fields (tasks, Matryoshka dims, projector)."""
+
+    text_config: TextConfig
+    vision_config: VisionConfig
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    task_names: tuple[str, ...]
+    matryoshka_dims: tuple[int, ...]
+    multi_vector_projector_dim: int
+    torch_dtype: str = "bfloat16"
+    truncate_dim: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict, file: str = "config.json") -> "JinaV4Config":
+        data = dict(data)
+        # transformers reads `text_config` when present; older files keep the text fields at the top level.
+        text = data.get("text_config") or data
+        prefix = "text_config." if "text_config" in data and data["text_config"] else ""
+        data["text_config"] = parse(TextConfig, text, file, prefix)
+        data["vision_config"] = parse(VisionConfig, data.get("vision_config"), file, "vision_config.")
+        cfg = parse(cls, data, file)
+        cfg.validate(file)
+        return cfg
+
+    def validate(self, file: str) -> None:
+        t, v = self.text_config, self.vision_config
+        mrope = t.rope_scaling.get("mrope_section")
+        if not (isinstance(mrope, list) and mrope and all(isinstance(x, int) for x in mrope)):
+            raise ConfigError(f"{file}: key 'text_config.rope_scaling.mrope_section' should be a list of int")
+        checks = [
+            (t.hidden_size % t.num_attention_heads == 0, "text_config.num_attention_heads", "must divide hidden_size"),
+            (t.num_attention_heads % t.num_key_value_heads == 0, "text_config.num_key_value_heads",
+             "must divide num_attention_heads"),
+            (2 * sum(mrope) == t.head_dim, "text_config.rope_scaling.mrope_section", "must sum to head_dim / 2"),
+            (t.hidden_act == "silu", "text_config.hidden_act", "must be 'silu'"),
+            (v.hidden_act == "silu", "vision_config.hidden_act", "must be 'silu'"),
+            (v.hidden_size % v.num_heads == 0 and v.head_dim % 2 == 0, "vision_config.num_heads",
+             "must divide hidden_size into an even head dim"),
+            (v.window_size % (v.patch_size * v.spatial_merge_size) == 0, "vision_config.window_size",
+             "must be a multiple of patch_size * spatial_merge_size"),
+            (all(0 <= i < v.depth for i in v.fullatt_block_indexes), "vision_config.fullatt_block_indexes",
+             "must index blocks below depth"),
+            (len(self.task_names) > 0, "task_names", "must not be empty"),
+            (all(0 < d <= t.hidden_size for d in self.matryoshka_dims), "matryoshka_dims",
+             "must lie in 1..hidden_size"),
+            (self.truncate_dim is None or self.truncate_dim in self.matryoshka_dims, "truncate_dim",
+             "must be null or one of matryoshka_dims"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{file}: key '{key}' {why}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapters/adapter_config.json (peft LoRA). Only the plain-LoRA subset the release uses is accepted."""
+
+    r: int
+    lora_alpha: Union[int, float]
+    target_modules: Union[str, tuple[str, ...]]
+    exclude_modules: Union[str, tuple[str, ...], None] = None
+    peft_type: str = "LORA"
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+    lora_bias: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict, file: str = "adapters/adapter_config.json") -> "AdapterConfig":
+        cfg = parse(cls, data, file)
+        unsupported = [
+            (cfg.peft_type != "LORA", "peft_type", "must be 'LORA'"),
+            (cfg.r <= 0, "r", "must be positive"),
+            (cfg.use_dora, "use_dora", "is not supported"),
+            (cfg.bias != "none" or cfg.lora_bias, "bias", "LoRA biases are not supported"),
+            (cfg.fan_in_fan_out, "fan_in_fan_out", "is not supported"),
+            (bool(cfg.rank_pattern), "rank_pattern", "per-module ranks are not supported"),
+            (bool(cfg.alpha_pattern), "alpha_pattern", "per-module alphas are not supported"),
+        ]
+        for bad, key, why in unsupported:
+            if bad:
+                raise ConfigError(f"{file}: key '{key}' {why}")
+        return cfg
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def targets(self, name: str) -> bool:
+        """peft's rule: a module is adapted when its name fullmatches target_modules (a regex, or a list of
+        name suffixes) and does not match exclude_modules."""
+        return _matches(self.target_modules, name) and not (
+            self.exclude_modules is not None and _matches(self.exclude_modules, name)
+        )
+
+
+def _matches(pattern: Union[str, tuple[str, ...]], name: str) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """preprocessor_config.json (Qwen2-VL image processor)."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    rescale_factor: float = 1 / 255
+    resample: int = 3
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict, file: str = "preprocessor_config.json") -> "PreprocessorConfig":
+        data = dict(data)
+        size = data.get("size") or {}
+        # transformers lets `min_pixels`/`max_pixels` override `size`; either spelling is accepted here.
+        data.setdefault("min_pixels", size.get("shortest_edge"))
+        data.setdefault("max_pixels", size.get("longest_edge"))
+        cfg = parse(cls, data, file)
+        checks = [
+            (cfg.resample == 3, "resample", "must be 3 (bicubic)"),
+            (cfg.do_convert_rgb and cfg.do_resize and cfg.do_rescale and cfg.do_normalize, "do_resize",
+             "the do_* switches must all be true"),
+            (len(cfg.image_mean) == 3 and len(cfg.image_std) == 3, "image_mean", "mean and std need 3 values"),
+            (0 < cfg.min_pixels <= cfg.max_pixels, "min_pixels", "must be positive and at most max_pixels"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{file}: key '{key}' {why}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """tokenizer_config.json: the fields the text path needs."""
+
+    pad_token: str
+    model_max_length: int = 131072
+    add_bos_token: bool = False
+    tokenizer_class: str = "Qwen2Tokenizer"
+
+    @classmethod
+    def from_dict(cls, data: dict, file: str = "tokenizer_config.json") -> "TokenizerConfig":
+        data = dict(data)
+        if isinstance(data.get("pad_token"), dict):  # serialized AddedToken
+            data["pad_token"] = data["pad_token"].get("content")
+        if isinstance(data.get("model_max_length"), float) and data["model_max_length"] > 2**62:
+            data["model_max_length"] = 2**62  # transformers writes a huge float for "unbounded"
+        cfg = parse(cls, data, file)
+        if cfg.add_bos_token:
+            raise ConfigError(f"{file}: key 'add_bos_token' must be false (the model was trained without BOS)")
+        return cfg

@@ -1,0 +1,144 @@
+"""Checkpoint loading: a local directory or a hub repo in the released layout, read through safetensors
+(memory-mapped) and assigned into a model built on the meta device, so the weights exist once in memory.
+
+Released layout: `model.embed_tokens`, `model.layers.N...`, `model.norm`, `visual...`, `multi_vector_projector`
+(old transformers names, which are ours), sharded through `model.safetensors.index.json` or one
+`model.safetensors`; adapters in `adapters/adapter_model.safetensors` as
+`base_model.model.model.language_model.layers.N....lora_{A,B}.<task>.weight`. The newer transformers layout
+(`model.language_model...`, `model.visual...`) is accepted too. Loading is strict: every tensor in the files
+is used, every parameter is filled, shapes agree, or a `CheckpointError` names the tensors and the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import ConfigError, read_json
+
+FILES = [
+    "config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+    "model.safetensors.index.json", "model-*.safetensors", "adapters/adapter_config.json",
+    "adapters/adapter_model.safetensors",
+]
+ADAPTER_FILE = "adapters/adapter_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+            local_files_only: bool = False, token: str | bool | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id, downloaded (only the files jina_v4 reads)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"{name}: not a checkpoint directory, nor a hub repo id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=FILES,
+                                      local_files_only=local_files_only, token=token))
+    except Exception as e:  # network, auth, missing revision: one clear line
+        raise FileNotFoundError(f"{name}: cannot fetch from the hub ({type(e).__name__}: {e})") from None
+
+
+def weight_files(path: Path) -> dict[Path, list[str] | None]:
+    """Shard file -> the tensor names the index assigns to it (None: a single model.safetensors)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: key 'weight_map' is missing or empty")
+        shards: dict[Path, list[str]] = {}
+        for key, file in weight_map.items():
+            shards.setdefault(path / file, []).append(key)
+        for file in shards:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: names shard '{file.name}', which is missing from {path}")
+        return shards
+    if (path / "model.safetensors").is_file():
+        return {path / "model.safetensors": None}
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json is present")
+
+
+def read_tensors(file: Path, expected_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, memory-mapped (no copy until a dtype or device change)."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if expected_keys is not None and set(keys) != set(expected_keys):
+                missing = sorted(set(expected_keys) - set(keys))
+                extra = sorted(set(keys) - set(expected_keys))
+                raise CheckpointError(f"{file}: disagrees with model.safetensors.index.json"
+                                      f"{_names(' lacks', missing)}{_names(' has unlisted', extra)}")
+            return {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def base_key(key: str) -> str:
+    """Checkpoint name -> module name: the newer transformers layout maps onto the released one."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def adapter_key(key: str) -> str:
+    """`base_model.model.<module>.lora_A.<task>.weight` -> `<module>.lora_A.<task>` (our ParameterDict entry)."""
+    if key.startswith("base_model.model.") and key.endswith(".weight"):
+        return base_key(key[len("base_model.model."):-len(".weight")])
+    return key  # unrecognised: reported as unexpected
+
+
+def load_checkpoint(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Fill a meta-device model from the checkpoint directory, strictly, by assignment."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # module name -> "file: tensor name" for messages
+
+    def add(file: Path, tensors: dict[str, torch.Tensor], rename) -> None:
+        for key, t in tensors.items():
+            name = rename(key)
+            if name in state:
+                raise CheckpointError(f"{file.name}: tensor '{key}' duplicates {origin[name]}")
+            state[name], origin[name] = t, f"{file.relative_to(path)}: tensor '{key}'"
+
+    for file, keys in weight_files(path).items():
+        add(file, read_tensors(file, keys), base_key)
+    if not (path / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{path}: {ADAPTER_FILE} is missing (the task adapters)")
+    add(path / ADAPTER_FILE, read_tensors(path / ADAPTER_FILE), adapter_key)
+
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(origin[k] for k in set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not fit the config"
+                              f"{_names(' - missing', missing)}{_names(' - unexpected', unexpected)}")
+    for k, t in state.items():
+        if t.shape != expected[k]:
+            hint = " (the LoRA rank must equal r in adapter_config.json)" if ".lora_" in k else ""
+            raise CheckpointError(f"{origin[k]} has shape {tuple(t.shape)}, expected {tuple(expected[k])}{hint}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{origin[k]} has dtype {t.dtype}, expected a floating-point tensor")
+        state[k] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _names(label: str, names: list[str], most: int = 5) -> str:
+    if not names:
+        return ""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"{label}: " + ", ".join(names[:most]) + more
+
+
+__all__ = ["CheckpointError", "ConfigError", "resolve", "load_checkpoint", "FILES"]

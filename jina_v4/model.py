@@ -1,0 +1,251 @@
+"""jina-embeddings-v4: tokens -> embeddings -> vision tower -> image features scattered into the pad tokens
+-> M-RoPE decoder with the task LoRA -> pooled single vector or projected multi-vectors.
+
+The public API keeps the released `encode_text` / `encode_image` names and meanings (modeling_jina_embeddings_v4.py)
+and adds `encode` for text and images in one batch and a task per input. Inputs run packed and sorted by
+length, so no padding token is computed; results come back in input order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import AdapterConfig, JinaV4Config, read_json
+from .heads import check_truncate_dim, multi_vectors, single_vectors
+from .loading import load_checkpoint, resolve
+from .lora import LoRALinear, Task, attach_adapters, task_rows
+from .processing import Batch, ImageInput, Item, Processor, describe, text_prompt
+from .text import TextModel
+from .vision import VisionTower
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+Output = Union[torch.Tensor, np.ndarray, list]
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not one of {sorted(set(DTYPES))}")
+
+
+class JinaV4(nn.Module):
+    def __init__(self, config: JinaV4Config, adapter_config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config.text_config)
+        self.visual = VisionTower(config.vision_config)
+        self.multi_vector_projector = LoRALinear(config.text_config.hidden_size, config.multi_vector_projector_dim)
+        self.adapted = attach_adapters(self, adapter_config, list(config.task_names))
+        self.processor: Processor | None = None
+        self._task: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = "jinaai/jina-embeddings-v4",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> "JinaV4":
+        """A checkpoint directory or hub repo id. device: default cuda if available, else cpu.
+        dtype: default the checkpoint's torch_dtype (bfloat16 for the release)."""
+        path = resolve(name_or_path, revision, cache_dir, local_files_only, token)
+        config = JinaV4Config.from_dict(read_json(path / "config.json"), str(path / "config.json"))
+        adapter_file = path / "adapters" / "adapter_config.json"
+        adapter_config = AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
+        processor = Processor.from_dir(path, config)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with torch.device("meta"):
+            model = cls(config, adapter_config)
+        load_checkpoint(model, path, to_dtype(dtype or config.torch_dtype), device)
+        model.processor = processor
+        return model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    @property
+    def task(self) -> str | None:
+        return self._task
+
+    @task.setter
+    def task(self, task: str) -> None:
+        self._task = self._tasks(task, 1)[0]
+
+    def _tasks(self, task: str | Sequence[str] | None, n: int) -> list[str]:
+        names = list(self.config.task_names)
+        task = self._task if task is None else task
+        if task is None:
+            raise ValueError(f"no task given: pass task=... or set model.task to one of {names}")
+        tasks = [task] * n if isinstance(task, str) else list(task)
+        if len(tasks) != n:
+            raise ValueError(f"task: got {len(tasks)} tasks for {n} inputs")
+        for t in tasks:
+            if t not in names:
+                raise ValueError(f"unknown task {t!r}: valid tasks are {names}")
+        return tasks
+
+    def merge(self, task: str | None) -> None:
+        """Precompute W + s·BA for `task` in every adapted layer (faster for that task); None unmerges.
+        Other tasks and mixed-task batches still run, through the unmodified base weights."""
+        if task is not None:
+            self._tasks(task, 1)
+        for m in self.modules():
+            if isinstance(m, LoRALinear):
+                m.merge(task)
+
+    def forward(self, batch: Batch, task: Task, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """A packed batch -> final-normed hidden states (T, D). See `TextModel.forward` for `hidden_states`."""
+        dev = self.device
+        x = self.model.embed_tokens(batch.input_ids.to(dev))  # (T, D)
+        if batch.pixel_values is not None:
+            features = self.visual(batch.pixel_values.to(dev), batch.grids)  # (U, D)
+            x[batch.image_mask.to(dev)] = features.to(x.dtype)
+        return self.model(x, batch.position_ids.to(dev), batch.cu_seqlens, task, hidden_states)
+
+    @torch.inference_mode()
+    def last_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, task: str | None = None,
+        pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """For research: right-padded (B, L) ids -> (B, L, D) final-normed states (zero at padding), the
+        reference's `get_last_hidden_states`. Image rows (those holding the image token) take the patches
+        `pixel_values` (N, C·t·p·p) and grids `image_grid_thw` (I, 3) in row order."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
+        items, start = [], 0
+        for row, m in zip(input_ids, mask):
+            ids = row[m.bool()].tolist()
+            item = Item(ids)
+            if self.config.image_token_id in ids:
+                if not grids:
+                    raise ValueError("input_ids hold more images than image_grid_thw describes")
+                item.grid = grids.pop(0)
+                n = item.grid[0] * item.grid[1] * item.grid[2]
+                item.pixel_values, start = pixel_values[start:start + n], start + n
+            items.append(item)
+        batch = self.processor.collate(items)
+        h = self.forward(batch, task_rows(self._tasks(task, len(items)), batch.cu_seqlens, self.device))
+        out = h.new_zeros(*input_ids.shape, h.shape[-1])
+        out[mask.bool().to(h.device)] = h
+        return out
+
+    @torch.inference_mode()
+    def _run(self, items: list[Item], tasks: list[str], multivector: bool, truncate_dim: int | None,
+             batch_size: int) -> list[torch.Tensor]:
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))  # longest first: less padding
+        out: list[Any] = [None] * len(items)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = self.processor.collate([items[i] for i in idx])
+            task = task_rows([tasks[i] for i in idx], batch.cu_seqlens, self.device)
+            h = self.forward(batch, task)
+            if multivector:
+                lengths = [len(items[i].input_ids) for i in idx]
+                vecs = multi_vectors(self.multi_vector_projector, h, task).cpu().split(lengths)
+            else:
+                vecs = single_vectors(h, batch.cu_seqlens, batch.pool_mask.to(h.device), truncate_dim).cpu()
+            for i, v in zip(idx, vecs):
+                out[i] = v
+        return out
+
+    def _output(self, vecs: list[torch.Tensor], one: bool, multivector: bool, return_numpy: bool) -> Output:
+        if multivector:
+            res: Any = [v.numpy() if return_numpy else v for v in vecs]
+        else:
+            dim = vecs[0].shape[-1] if vecs else self.config.text_config.hidden_size
+            res = torch.stack(vecs) if vecs else torch.empty(0, dim)
+            res = res.numpy() if return_numpy else res
+        return res[0] if one else res
+
+    def _common(self, task, n: int, truncate_dim: int | None) -> tuple[list[str], int | None]:
+        tasks = self._tasks(task, n)
+        truncate_dim = truncate_dim or self.config.truncate_dim
+        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
+        return tasks, truncate_dim
+
+    def encode_text(
+        self, texts: str | Sequence[str], task: str | Sequence[str] | None = None, prompt_name: str | None = None,
+        max_length: int = 32768, batch_size: int = 8, return_multivector: bool = False, return_numpy: bool = False,
+        truncate_dim: int | None = None,
+    ) -> Output:
+        """Texts -> single vectors (N, D) float32 on the CPU, or multi-vectors: a list of (L_i, P) tensors.
+        A str gives one result. prompt_name: 'query' (default) or 'passage'; text-matching always uses 'query'.
+        `task` may also be a list, one task per text."""
+        one = isinstance(texts, str)
+        texts = [texts] if one else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: {describe(t)}")
+        tasks, truncate_dim = self._common(task, len(texts), truncate_dim)
+        prompts = [text_prompt(t, k, prompt_name or "query") for t, k in zip(texts, tasks)]
+        items = [Item(ids) for ids in self.processor.tokenize(prompts, max_length)]
+        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
+        return self._output(vecs, one, return_multivector, return_numpy)
+
+    def encode_image(
+        self, images: ImageInput | Sequence[ImageInput], task: str | Sequence[str] | None = None,
+        batch_size: int = 8, return_multivector: bool = False, return_numpy: bool = False,
+        truncate_dim: int | None = None, max_pixels: int | None = None,
+    ) -> Output:
+        """Images (PIL images, paths, bytes or http(s) URLs) -> as encode_text. max_pixels overrides the
+        preprocessor's bound for this call."""
+        one = not isinstance(images, (list, tuple))
+        images = [images] if one else list(images)
+        tasks, truncate_dim = self._common(task, len(images), truncate_dim)
+        items = [self._image_item(i, img, max_pixels) for i, img in enumerate(images)]
+        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
+        return self._output(vecs, one, return_multivector, return_numpy)
+
+    def encode(
+        self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None = None,
+        prompt_name: str | None = None, max_length: int = 32768, batch_size: int = 8,
+        return_multivector: bool = False, return_numpy: bool = False, truncate_dim: int | None = None,
+        max_pixels: int | None = None,
+    ) -> Output:
+        """Text and images in one batch, each pooled by its own rule (the reference pools a whole batch by its
+        first row's rule). A str is text; a PIL image, Path or bytes is an image; {"text": s} or
+        {"image": path_or_url} say it explicitly."""
+        inputs = list(inputs)
+        tasks, truncate_dim = self._common(task, len(inputs), truncate_dim)
+        texts, items = {}, [None] * len(inputs)
+        for i, x in enumerate(inputs):
+            kind, value = next(iter(x.items())) if isinstance(x, dict) and len(x) == 1 else (None, x)
+            if kind == "text" or (kind is None and isinstance(x, str)):
+                if not isinstance(value, str):
+                    raise TypeError(f"inputs[{i}]: text must be str, got {describe(value)}")
+                texts[i] = text_prompt(value, tasks[i], prompt_name or "query")
+            elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
+                items[i] = self._image_item(i, value, max_pixels)
+            else:
+                raise TypeError(f"inputs[{i}] is neither text nor an image: {describe(x)}")
+        for i, ids in zip(texts, self.processor.tokenize(list(texts.values()), max_length) if texts else []):
+            items[i] = Item(ids)
+        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
+        return self._output(vecs, False, return_multivector, return_numpy)
+
+    def _image_item(self, i: int, image: ImageInput, max_pixels: int | None) -> Item:
+        try:
+            return self.processor.image_item(image, max_pixels)
+        except Exception as e:
+            raise ValueError(f"images[{i}] ({describe(image)}): {type(e).__name__}: {e}") from e

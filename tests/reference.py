@@ -1,0 +1,136 @@
+"""The reference oracle: transformers 4.52.4 Qwen2.5-VL + peft 0.15.2 (one LoRA adapter per task, named after
+the task) + the released pooling rules (modeling_jina_embeddings_v4.py), loaded from a checkpoint directory
+in the released layout. Test-only; jina_v4 never imports this.
+
+Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positions: the released code's
+`hidden_states[-1]` without the LM head (SPEC.md §13).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoTokenizer
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+PREFIX = {"query": "Query", "passage": "Passage"}
+IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
+
+
+class RefModel(nn.Module):
+    """The released module tree: `model` (Qwen2_5_VLModel) and `multi_vector_projector`."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2_5_VLModel._from_config(config, attn_implementation="sdpa", torch_dtype=dtype).to(dtype)
+        self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim,
+                                                dtype=dtype)
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "RefModel":
+        return cls(Qwen2_5_VLConfig.from_dict(cfg, attn_implementation="sdpa"), dtype)
+
+
+def released_state_dict(ref: RefModel) -> dict[str, torch.Tensor]:
+    """Module names -> the released checkpoint names (pre-4.52 layout: `model.*` for the LM, `visual.*`)."""
+    out = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = k[len("model."):]
+        out[k] = v
+    return out
+
+
+def add_task_adapters(ref: RefModel, adapter_cfg: dict, tasks: list[str]):
+    """One standard peft LoRA adapter per task. The released target regex also matches peft's own LoRA
+    sub-modules once one adapter exists, so it is anchored at the module name's end (same base modules)."""
+    target = adapter_cfg["target_modules"]
+    if isinstance(target, str):
+        target = target.replace(".*$", "$")
+    lora = LoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], target_modules=target,
+                      exclude_modules=adapter_cfg.get("exclude_modules"), lora_dropout=adapter_cfg["lora_dropout"],
+                      bias="none", use_rslora=adapter_cfg.get("use_rslora", False))
+    peft_model = get_peft_model(ref, lora, adapter_name=tasks[0])
+    for t in tasks[1:]:
+        peft_model.add_adapter(t, lora)
+    return peft_model
+
+
+class Reference:
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        self.config = cfg
+        self.ref = RefModel.from_config_dict(cfg, dtype)
+        weights = {}
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+            "model.safetensors"]
+        for f in files:
+            weights.update(load_file(path / f))
+        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                    "model." + k if k.startswith("visual.") else k): v.to(dtype) for k, v in weights.items()}
+        self.ref.load_state_dict(renamed, strict=True)
+        adapter_cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
+        self.tasks = cfg["task_names"]
+        self.peft = add_task_adapters(self.ref, adapter_cfg, self.tasks)
+        lora = {k: v.to(dtype) for k, v in load_file(path / "adapters" / "adapter_model.safetensors").items()}
+        result = self.peft.load_state_dict(lora, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys[:5]
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        assert not missing, missing[:5]
+        self.peft.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.path = path
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
+               output_hidden_states: bool = False):
+        """Final-normed hidden states (B, L, D), as the released get_last_hidden_states."""
+        self.peft.set_adapter(task)
+        model = self.ref.model
+        position_ids, _ = model.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
+                    output_hidden_states=output_hidden_states)
+        return out.hidden_states if output_hidden_states else out.last_hidden_state
+
+    def text_batch(self, texts: list[str], task: str, prompt_name: str = "query", max_length: int = 32768):
+        prefix = PREFIX["query" if task == "text-matching" else prompt_name]
+        return self.tokenizer([f"{prefix}: {t}" for t in texts], return_tensors="pt", padding="longest",
+                              max_length=min(max_length, 32768), truncation=True)
+
+    @torch.no_grad()
+    def pool(self, h, input_ids, attention_mask, task, multivector=False, truncate_dim=None):
+        """The released heads: single vector pooled by row 0's rule, or masked multi-vectors."""
+        cfg = self.config
+        if multivector:
+            self.peft.set_adapter(task)
+            v = F.normalize(self.ref.multi_vector_projector(h), dim=-1) * attention_mask.unsqueeze(-1)
+            return [e[m.bool()] for e, m in zip(v, attention_mask)]
+        if cfg["vision_start_token_id"] in input_ids[0]:
+            start = torch.where(input_ids == cfg["vision_start_token_id"])[1]
+            end = torch.where(input_ids == cfg["vision_end_token_id"])[1]
+            pos = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1)
+            mask = (pos >= start[:, None]) & (pos <= end[:, None])
+            pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        else:
+            pooled = (h * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
+        v = F.normalize(pooled, dim=-1)
+        return v if truncate_dim is None else F.normalize(v[:, :truncate_dim], dim=-1)
+
+    def encode_text(self, texts: list[str], task: str, prompt_name: str = "query", multivector=False,
+                    truncate_dim=None, max_length=32768):
+        b = self.text_batch(texts, task, prompt_name, max_length)
+        h = self.hidden(b["input_ids"], b["attention_mask"], task)
+        return self.pool(h, b["input_ids"], b["attention_mask"], task, multivector, truncate_dim)

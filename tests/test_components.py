@@ -1,0 +1,124 @@
+"""Each component against the transformers / peft function of the same purpose."""
+
+import json
+import types
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+from jina_v4.config import JinaV4Config
+from jina_v4.layers import RMSNorm, apply_rope, varlen_attention
+from jina_v4.lora import LoRALinear
+from jina_v4.positions import rope_index
+from jina_v4.text import DecoderLayer, mrope_cos_sin
+
+torch.manual_seed(0)
+
+
+def configs(checkpoints, name):
+    d = json.loads((checkpoints[name] / "config.json").read_text())
+    hf_cfg = Qwen2_5_VLConfig.from_dict(d, attn_implementation="sdpa").text_config
+    hf_cfg._attn_implementation = "sdpa"
+    return JinaV4Config.from_dict(d).text_config, hf_cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm(dtype):
+    ours, theirs = RMSNorm(48, 1e-6), hf.Qwen2RMSNorm(48, 1e-6)
+    w = 1 + 0.1 * torch.randn(48)
+    ours.weight.data.copy_(w), theirs.weight.data.copy_(w)
+    x = (3 * torch.randn(5, 7, 48)).to(dtype)
+    assert torch.equal(ours.to(dtype)(x), theirs.to(dtype)(x))
+
+
+def test_mrope_cos_sin(checkpoints, name):
+    ours_cfg, hf_cfg = configs(checkpoints, name)
+    pos = torch.randint(0, 5000, (3, 1, 37))  # distinct positions per axis
+    cos, sin = hf.Qwen2_5_VLRotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), pos)
+    q, k = torch.randn(1, 3, 37, ours_cfg.head_dim), torch.randn(1, 3, 37, ours_cfg.head_dim)
+    hq, hk = hf.apply_multimodal_rotary_pos_emb(q, k, cos, sin, hf_cfg.rope_scaling["mrope_section"])
+    c, s = mrope_cos_sin(pos[:, 0], ours_cfg.head_dim, ours_cfg.rope_theta, ours_cfg.mrope_section, torch.float32)
+    oq = apply_rope(q[0].transpose(0, 1), c, s).transpose(0, 1)
+    ok = apply_rope(k[0].transpose(0, 1), c, s).transpose(0, 1)
+    assert torch.equal(oq, hq[0]) and torch.equal(ok, hk[0])
+
+
+def test_decoder_layer(checkpoints, name):
+    ours_cfg, hf_cfg = configs(checkpoints, name)
+    theirs = hf.Qwen2_5_VLDecoderLayer(hf_cfg, 0).eval()
+    for p in theirs.parameters():
+        p.data.normal_(0, 0.2)
+    ours = DecoderLayer(ours_cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    lengths = [9, 4, 13]
+    x = torch.randn(len(lengths), max(lengths), ours_cfg.hidden_size)
+    pos = torch.arange(max(lengths)).expand(3, len(lengths), -1)
+    cos, sin = hf.Qwen2_5_VLRotaryEmbedding(hf_cfg)(x, pos)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):  # the reference, one unpadded sequence at a time
+            expected = theirs(x[b:b + 1, :n], position_embeddings=(cos[:, b:b + 1, :n], sin[:, b:b + 1, :n]))[0][0]
+            packed = torch.cat([x[i, :m] for i, m in enumerate(lengths)])
+            c, s = mrope_cos_sin(torch.cat([pos[:, i, :m] for i, m in enumerate(lengths)], 1), ours_cfg.head_dim,
+                                 ours_cfg.rope_theta, ours_cfg.mrope_section, torch.float32)
+            cu = [0, 9, 13, 26]
+            got = ours(packed, c, s, cu, task=None)[cu[b]:cu[b + 1]]
+            assert (got - expected).abs().max() <= 1e-5
+
+
+def test_lora_layer():
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["0"])
+    peft_model = get_peft_model(base, cfg, adapter_name="t1")
+    peft_model.add_adapter("t2", cfg)
+    for n, p in peft_model.named_parameters():
+        p.data.normal_(0, 0.3)
+    ours = LoRALinear(24, 40)
+    ours.add_tasks(["t1", "t2"], 4, 12 / 4)
+    layer = peft_model.base_model.model[0]
+    ours.weight.data.copy_(layer.base_layer.weight), ours.bias.data.copy_(layer.base_layer.bias)
+    for t in ("t1", "t2"):
+        ours.lora_A[t].data.copy_(layer.lora_A[t].weight), ours.lora_B[t].data.copy_(layer.lora_B[t].weight)
+    x = torch.randn(10, 24)
+    peft_model.eval()
+    with torch.no_grad():
+        for t in ("t1", "t2"):
+            peft_model.set_adapter(t)
+            expected = peft_model(x)
+            assert (ours(x, t) - expected).abs().max() <= 1e-6
+            ours.merge(t)
+            assert (ours(x, t) - expected).abs().max() <= 1e-5
+            ours.merge(None)
+        rows = [("t1", torch.tensor([0, 2, 4, 6, 8])), ("t2", torch.tensor([1, 3, 5, 7, 9]))]
+        mixed = ours(x, rows)
+        assert torch.equal(mixed[::2], ours(x, "t1")[::2]) and torch.equal(mixed[1::2], ours(x, "t2")[1::2])
+    with pytest.raises(ValueError, match="pass task="):
+        ours(x)
+
+
+def test_rope_index_text_with_padding(checkpoints):
+    d = json.loads((checkpoints["gqa2-sharded"] / "config.json").read_text())
+    model = types.SimpleNamespace(config=Qwen2_5_VLConfig.from_dict(d))
+    lengths = [5, 1, 8]
+    mask = (torch.arange(8) < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(0, 100, (3, 8))
+    expected, _ = hf.Qwen2_5_VLModel.get_rope_index(model, ids, None, None, None, mask)
+    for b, n in enumerate(lengths):
+        got = rope_index(ids[b, :n].tolist(), [], image_token_id=-1, merge=2)
+        assert torch.equal(got, expected[:, b, :n])
+
+
+def test_varlen_attention_matches_dense_masks():
+    lengths = [3, 7, 1, 5]
+    T, cu = sum(lengths), [0, 3, 10, 11, 16]
+    q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
+    seg = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    same = seg[:, None] == seg[None, :]
+    for causal in (True, False):
+        mask = same & (torch.ones(T, T).tril().bool() if causal else True)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+            attn_mask=mask)
+        assert (varlen_attention(q, k, v, cu, causal) - dense.transpose(0, 1)).abs().max() <= 1e-6

@@ -1,0 +1,180 @@
+"""Loading: the released layout at full size (meta device), the newer layout, the hub path, and every
+checkpoint error naming what is wrong."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+from jina_v4 import AdapterConfig, CheckpointError, ConfigError, JinaV4, JinaV4Config
+from jina_v4.loading import adapter_key
+from tiny import RELEASED
+
+TASKS = ["retrieval", "text-matching", "code"]
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    config = JinaV4Config.from_dict(json.loads((RELEASED / "config.json").read_text()))
+    adapters = AdapterConfig.from_dict(json.loads((RELEASED / "adapters" / "adapter_config.json").read_text()))
+    with torch.device("meta"):
+        model = JinaV4(config, adapters)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_full_size_base_tensors(full_size):
+    """Names and shapes equal transformers' Qwen2.5-VL in the released (pre-4.52) key layout, plus the projector."""
+    base = {k: s for k, s in full_size.items() if ".lora_" not in k}
+    cfg = Qwen2_5_VLConfig.from_dict(json.loads((RELEASED / "config.json").read_text()), attn_implementation="sdpa")
+    with torch.device("meta"):
+        hf = Qwen2_5_VLModel._from_config(cfg, attn_implementation="sdpa")
+    expected = {}
+    for k, v in hf.state_dict().items():
+        k = "model." + k[len("language_model."):] if k.startswith("language_model.") else k
+        expected[k] = tuple(v.shape)
+    expected.update({"multi_vector_projector.weight": (128, 2048), "multi_vector_projector.bias": (128,)})
+    assert base == expected
+    assert len(base) == 826
+    assert sum(torch.Size(s).numel() for s in base.values()) == 3_754_885_248
+
+
+def test_full_size_adapter_tensors(full_size):
+    lora = {k: s for k, s in full_size.items() if ".lora_" in k}
+    assert len(lora) == 1518
+    for task in TASKS:
+        assert sum(torch.Size(s).numel() for k, s in lora.items() if k.endswith("." + task)) == 59_936_768
+    # the released adapter file's names (SPEC.md §4.2) map exactly onto these parameters
+    released = [f"base_model.model.model.language_model.layers.{i}.{m}.lora_{ab}.{t}.weight"
+                for i in range(36) for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+                for ab in "AB" for t in TASKS]
+    released += [f"base_model.model.multi_vector_projector.lora_{ab}.{t}.weight" for ab in "AB" for t in TASKS]
+    assert sorted(adapter_key(k) for k in released) == sorted(lora)
+    assert lora["model.layers.0.mlp.down_proj.lora_A.code"] == (32, 11008)
+    assert lora["multi_vector_projector.lora_B.retrieval"] == (128, 32)
+
+
+def test_dtype_default_and_override(checkpoints):
+    m = JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu")
+    assert m.dtype == torch.bfloat16 and m.multi_vector_projector.lora_A["code"].dtype == torch.bfloat16
+    assert JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu").dtype == torch.float32
+    assert JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu", dtype="float32").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu", dtype="int8")
+
+
+def copy(checkpoints, tmp_path, name="gqa4-single"):
+    return shutil.copytree(checkpoints[name], tmp_path / name)
+
+
+def test_newer_transformers_layout(checkpoints, models, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    w = load_file(path / "model.safetensors")
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): v for k, v in w.items()}
+    save_file(renamed, path / "model.safetensors")
+    text = ["a text", "another, longer text"]
+    got = JinaV4.from_pretrained(path, device="cpu").encode_text(text, task="code")
+    assert torch.equal(got, models("gqa4-single").encode_text(text, task="code"))
+
+
+def test_hub_repo_id_from_local_cache(checkpoints, models, tmp_path, monkeypatch):
+    """The huggingface_hub path, exercised offline with a cache laid out as the hub writes it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-v4"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoints["gqa2-sharded"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    m = JinaV4.from_pretrained("tiny-org/tiny-v4", device="cpu", cache_dir=tmp_path / "cache")
+    assert torch.equal(m.encode_text("x", task="code"), models("gqa2-sharded").encode_text("x", task="code"))
+    with pytest.raises(FileNotFoundError, match="tiny-org/missing: cannot fetch from the hub"):
+        JinaV4.from_pretrained("tiny-org/missing", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        JinaV4.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_missing_shard(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path, "gqa2-sharded")
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names shard 'model-00002-of-00002.safetensors', which is missing"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def rewrite(path, fn):
+    w = load_file(path / "model.safetensors")
+    fn(w)
+    save_file(w, path / "model.safetensors")
+
+
+def test_missing_tensor(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    rewrite(path, lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_unexpected_tensor(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    rewrite(path, lambda w: w.update({"lm_head.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected: model\.safetensors: tensor 'lm_head\.weight'"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_wrong_shape(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    rewrite(path, lambda w: w.update({"visual.merger.mlp.2.bias": torch.zeros(5)}))
+    with pytest.raises(CheckpointError, match=r"tensor 'visual\.merger\.mlp\.2\.bias' has shape \(5,\), expected"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_adapter_rank_differs_from_config(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (path / "adapters" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"adapters/adapter_model\.safetensors: tensor 'base_model\.model\..*"
+                                              r"lora_A\..*has shape \(8, .*expected \(16, .*LoRA rank must equal r"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_index_and_shard_disagree(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path, "gqa2-sharded")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="disagrees with model.safetensors.index.json"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["text_config"].pop("num_key_value_heads"), r"config\.json: key 'text_config\.num_key_value_heads' is missing"),
+    (lambda c: c["vision_config"].update(depth="4"), r"config\.json: key 'vision_config\.depth' should be int, got '4'"),
+    (lambda c: c.pop("task_names"), r"config\.json: key 'task_names' is missing"),
+    (lambda c: c.update(matryoshka_dims=[8, "x"]), r"key 'matryoshka_dims\[1\]' should be int"),
+])
+def test_config_errors(checkpoints, tmp_path, edit, message):
+    path = copy(checkpoints, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_unknown_task_and_truncate_dim(models):
+    m = models("gqa2-sharded")
+    with pytest.raises(ValueError, match=r"unknown task 'search': valid tasks are \['retrieval', 'text-matching', 'code'\]"):
+        m.encode_text("x", task="search")
+    with pytest.raises(ValueError, match=r"no task given: pass task=\.\.\. or set model\.task to one of \['retrieval'"):
+        m.encode_text("x")
+    with pytest.raises(ValueError, match="unknown task"):
+        m.task = "nope"
+    with pytest.raises(ValueError, match=r"truncate_dim=100 is not one of the Matryoshka dims \[8, 16, 32, 64\]"):
+        m.encode_text("x", task="code", truncate_dim=100)
+    with pytest.raises(ValueError, match="prompt_name='question'"):
+        m.encode_text("x", task="code", prompt_name="question")

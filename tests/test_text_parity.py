@@ -1,0 +1,145 @@
+"""Text parity in fp32 on CPU against transformers + peft, run one text at a time (SPEC.md §1, §7, §13)."""
+
+import pytest
+import torch
+
+TOL = 1e-5
+TEXTS = [
+    "hello",
+    "Overview of climate change impacts on coastal cities",
+    "気候変動が沿岸都市に与える影響の概要",
+    "تأثير تغير المناخ على المدن الساحلية",
+    "emoji 🚀🌍✨ and a zero-width joiner 👩‍💻",
+    "def add(a, b):\n    return a + b\n" * 6,
+    "A long passage. " * 60,
+    "  leading and trailing spaces  ",
+]
+TASKS = ["retrieval", "text-matching", "code"]
+
+
+def reference_each(ref, texts, task, prompt_name="query", **kw):
+    out = [ref.encode_text([t], task, prompt_name, **kw) for t in texts]
+    return torch.cat(out) if not kw.get("multivector") else [o[0] for o in out]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("prompt_name", ["query", "passage"])
+def test_single_and_multi_vectors(name, models, references, task, prompt_name):
+    model, ref = models(name), references(name)
+    ours = model.encode_text(TEXTS, task=task, prompt_name=prompt_name, batch_size=3)
+    theirs = reference_each(ref, TEXTS, task, prompt_name)
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= TOL
+    ours_m = model.encode_text(TEXTS, task=task, prompt_name=prompt_name, return_multivector=True)
+    theirs_m = reference_each(ref, TEXTS, task, prompt_name, multivector=True)
+    for a, b in zip(ours_m, theirs_m):
+        assert a.shape == b.shape  # one row per token, padding removed
+        assert (a - b).abs().max() <= TOL
+
+
+def test_prefixes(models, references):
+    """text-matching uses the query prefix on both sides; the other tasks distinguish query and passage."""
+    model, ref = models("gqa2-sharded"), references("gqa2-sharded")
+    q = model.encode_text(TEXTS[:2], task="text-matching", prompt_name="query")
+    p = model.encode_text(TEXTS[:2], task="text-matching", prompt_name="passage")
+    assert torch.equal(q, p)
+    q = model.encode_text(TEXTS[:2], task="retrieval", prompt_name="query")
+    p = model.encode_text(TEXTS[:2], task="retrieval", prompt_name="passage")
+    assert (q - p).abs().max() > 1e-3
+    ids = model.processor.tokenize(["Passage: hello"], 100)[0]
+    assert ids == ref.tokenizer("Passage: hello")["input_ids"]
+
+
+def test_tokenization_matches_reference(name, models, references):
+    model, ref = models(name), references(name)
+    prompts = [f"Query: {t}" for t in TEXTS] + ["<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>x"]
+    assert model.processor.tokenize(prompts, 32768) == [ref.tokenizer(p)["input_ids"] for p in prompts]
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 17])
+def test_truncation(models, references, max_length):
+    model, ref = models("gqa4-single"), references("gqa4-single")
+    ours = model.encode_text(TEXTS, task="retrieval", max_length=max_length)
+    theirs = reference_each(ref, TEXTS, "retrieval", max_length=max_length)
+    assert (ours - theirs).abs().max() <= TOL
+    rows = model.encode_text(TEXTS, task="retrieval", max_length=max_length, return_multivector=True)
+    assert all(r.shape[0] <= max_length for r in rows)
+
+
+def test_truncate_dim(name, models, references):
+    model, ref = models(name), references(name)
+    for dim in model.config.matryoshka_dims:
+        ours = model.encode_text(TEXTS, task="code", truncate_dim=dim)
+        theirs = reference_each(ref, TEXTS, "code", truncate_dim=dim)
+        assert ours.shape == (len(TEXTS), dim)
+        assert (ours - theirs).abs().max() <= TOL
+        assert torch.allclose(ours.norm(dim=-1), torch.ones(len(TEXTS)))
+
+
+def test_mixed_task_batch_equals_per_task(name, models):
+    model = models(name)
+    tasks = [TASKS[i % 3] for i in range(len(TEXTS))]
+    for multivector in (False, True):
+        mixed = model.encode_text(TEXTS, task=tasks, return_multivector=multivector, batch_size=len(TEXTS))
+        same_batch = {t: model.encode_text(TEXTS, task=t, return_multivector=multivector, batch_size=len(TEXTS))
+                      for t in TASKS}
+        for i, (t, task) in enumerate(zip(TEXTS, tasks)):
+            assert (mixed[i] - same_batch[task][i]).abs().max() <= 1e-6  # the same batch under one task
+            alone = model.encode_text(t, task=task, return_multivector=multivector)
+            assert (mixed[i] - alone).abs().max() <= TOL
+
+
+def test_tasks_differ(models):
+    model = models("gqa2-sharded")
+    r, c = (model.encode_text(TEXTS, task=t) for t in ("retrieval", "code"))
+    assert (r - c).abs().max() > 1e-3  # the adapters are really applied
+
+
+def test_merged_equals_unmerged(name, models):
+    model = models(name)
+    for task in TASKS:
+        plain = model.encode_text(TEXTS, task=task, return_multivector=True)
+        model.merge(task)
+        try:
+            merged = model.encode_text(TEXTS, task=task, return_multivector=True)
+            other = model.encode_text(TEXTS, task="code" if task != "code" else "retrieval")
+        finally:
+            model.merge(None)
+        for a, b in zip(plain, merged):
+            assert (a - b).abs().max() <= 1e-5
+        # a task other than the merged one still runs on the untouched base weights
+        assert torch.equal(other, model.encode_text(TEXTS, task="code" if task != "code" else "retrieval"))
+
+
+def test_batching_invariance(models):
+    model = models("gqa2-sharded")
+    one = torch.cat([model.encode_text([t], task="retrieval") for t in TEXTS])
+    for bs in (2, 5, 100):
+        assert (model.encode_text(TEXTS, task="retrieval", batch_size=bs) - one).abs().max() <= 1e-6
+
+
+def test_return_conventions(models):
+    model = models("gqa2-sharded")
+    v = model.encode_text("hi", task="retrieval")
+    assert v.shape == (model.config.text_config.hidden_size,) and v.device.type == "cpu"
+    n = model.encode_text(["hi", "there"], task="retrieval", return_numpy=True)
+    assert n.shape == (2, model.config.text_config.hidden_size) and n.dtype.name == "float32"
+    m = model.encode_text(["hi", "there"], task="retrieval", return_multivector=True, return_numpy=True)
+    assert [x.shape[1] for x in m] == [model.config.multi_vector_projector_dim] * 2
+    model.task = "code"
+    try:
+        assert torch.equal(model.encode_text("hi"), model.encode_text("hi", task="code"))
+    finally:
+        model._task = None
+
+
+def test_last_hidden_states_matches_reference(name, models, references):
+    model, ref = models(name), references(name)
+    batch = ref.text_batch(TEXTS, "retrieval")
+    ours = model.last_hidden_states(batch["input_ids"], batch["attention_mask"], task="retrieval")
+    for i, text in enumerate(TEXTS):
+        b = ref.text_batch([text], "retrieval")
+        theirs = ref.hidden(b["input_ids"], b["attention_mask"], "retrieval")[0]
+        n = theirs.shape[0]
+        assert (ours[i, :n] - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        assert not ours[i, n:].any()  # padding rows are zero

@@ -1,0 +1,175 @@
+"""Tiny random checkpoints in exactly the released layout, written from the reference's own modules
+(transformers Qwen2.5-VL + peft), so that the files do not depend on jina_v4.
+
+Layout: config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
+model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+adapters/adapter_config.json, adapters/adapter_model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+RELEASED = Path(__file__).resolve().parent / "released"  # verbatim copies of the released config files
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+NON_SPECIAL = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>"]
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5-VL).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = [
+    "Query: Overview of climate change impacts on coastal cities",
+    "Passage: The impacts of climate change on coastal cities are significant and far reaching.",
+    "The quick brown fox jumps over the lazy dog. Describe the image.",
+    "def add(a, b):\n    return a + b\n\nclass Foo:\n    pass",
+    "気候変動が沿岸都市に与える影響の概要", "تأثير تغير المناخ على المدن الساحلية",
+    "Die Auswirkungen des Klimawandels auf Küstenstädte sind erheblich.", "emoji 🚀🌍✨ test",
+    "user\nassistant\nsystem\n",
+]
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """One tiny configuration. Keeps sum(mrope_section) == head_dim/2 and an even vision head dim."""
+
+    name: str = "tiny"
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    layers: int = 2
+    intermediate: int = 96
+    mrope: tuple = (2, 3, 3)
+    proj_dim: int = 16
+    r: int = 4
+    alpha: float = 8
+    shards: int = 2  # 0: a single model.safetensors
+    dtype: str = "float32"
+    vision_depth: int = 4
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    fullatt: tuple = (1, 3)
+
+
+CONFIGS = [
+    Tiny("gqa2-sharded"),
+    Tiny("gqa4-single", heads=4, kv_heads=1, layers=3, mrope=(4, 2, 2), proj_dim=24, r=8, alpha=8, shards=0,
+         vision_depth=5, vision_heads=4, vision_hidden=64, fullatt=(2, 4)),
+    Tiny("mha-bf16", hidden=96, heads=6, kv_heads=6, mrope=(2, 2, 4), proj_dim=8, r=2, alpha=5, shards=3,
+         dtype="bfloat16", vision_heads=1, fullatt=(0,)),
+]
+
+
+def build_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import processors
+
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL])
+    return tok
+
+
+def tokenizer_config(tok: Tokenizer) -> dict:
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": t in SPECIAL} for t in SPECIAL + NON_SPECIAL}
+    return {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+            "additional_special_tokens": SPECIAL[1:], "bos_token": None, "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+            "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+
+
+def model_config(t: Tiny, tok: Tokenizer) -> dict:
+    cfg = json.loads((RELEASED / "config.json").read_text())
+    ids = {k: tok.token_to_id(s) for k, s in [("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"),
+                                              ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                                              ("vision_start_token_id", "<|vision_start|>"),
+                                              ("vision_end_token_id", "<|vision_end|>"),
+                                              ("vision_token_id", "<|vision_pad|>")]}
+    text = dict(hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
+                num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, vocab_size=512,
+                rope_scaling={"mrope_section": list(t.mrope), "rope_type": "default", "type": "default"},
+                torch_dtype=t.dtype)
+    cfg.update(text, **ids, multi_vector_projector_dim=t.proj_dim, matryoshka_dims=[8, 16, 32, t.hidden])
+    cfg["text_config"].update(text, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
+    cfg["vision_config"].update(depth=t.vision_depth, hidden_size=t.vision_hidden, num_heads=t.vision_heads,
+                                intermediate_size=t.vision_hidden * 3 // 2, out_hidden_size=t.hidden,
+                                fullatt_block_indexes=list(t.fullatt), torch_dtype=t.dtype)
+    return cfg
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Weights that keep activations alive through a few layers; norms near 1; non-zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+
+
+def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0) -> Path:
+    from reference import RefModel, add_task_adapters, released_state_dict
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
+    (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())
+    cfg = model_config(t, tok)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    dtype = getattr(torch, t.dtype)
+    ref = RefModel.from_config_dict(cfg)
+    randomize(ref, seed)
+    weights = {k: v.to(dtype).contiguous() for k, v in released_state_dict(ref).items()}
+    if t.shards == 0:
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        keys = list(weights)
+        n, weight_map = t.shards, {}
+        for i in range(n):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            part = keys[i * len(keys) // n:(i + 1) * len(keys) // n]
+            save_file({k: weights[k] for k in part}, path / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
+                 "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    adapter_cfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
+    adapter_cfg.update(r=t.r, lora_alpha=t.alpha)
+    (path / "adapters").mkdir(exist_ok=True)
+    (path / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+    peft_model = add_task_adapters(ref, adapter_cfg, cfg["task_names"])
+    g = torch.Generator().manual_seed(seed + 1)
+    lora = {}
+    for k, p in peft_model.state_dict().items():
+        if ".lora_" in k:
+            scale = 1 / p.shape[1] ** 0.5 if ".lora_A." in k else 0.5 / p.shape[1] ** 0.5
+            lora[k] = (torch.randn(p.shape, generator=g) * scale).to(dtype).contiguous()
+    save_file(lora, path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"})
+    return path

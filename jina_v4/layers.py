@@ -53,27 +53,39 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention inside each packed sequence. q: (T, Hq, d); k, v: (T, Hkv, d) with Hq % Hkv == 0.
 
-    Sequences are gathered into a (S, H, Lmax, d) batch for one SDPA call. Causal: right padding needs no mask,
-    since a valid query never sees a later (padded) key. Non-causal: a (S, 1, 1, Lmax) key mask, linear in T.
+    Causal (text): the sequences are right-padded into one (S, H, Lmax, d) SDPA call with `is_causal`, which
+    needs no mask, since a valid query never sees a later (padded) key. Non-causal (vision windows, images):
+    each run of consecutive equal-length sequences is a free view (n, H, L, d) for one SDPA call, so no copy,
+    no padding and no mask. Full windows come in runs along each row of windows; partial ones sit at edges.
     """
     T, Hq, d = q.shape
-    lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
-    S, L = len(lengths), max(lengths)
     gqa = k.shape[1] != Hq
-    if all(n == L for n in lengths):  # equal lengths: a free view, no mask
-        out = F.scaled_dot_product_attention(
-            *(t.view(S, L, -1, d).transpose(1, 2) for t in (q, k, v)), is_causal=causal, enable_gqa=gqa
-        )
-        return out.transpose(1, 2).reshape(T, Hq, d)
-    lens = torch.tensor(lengths, device=q.device)
-    valid = torch.arange(L, device=q.device) < lens[:, None]  # (S, L)
-    slots = valid.flatten().nonzero().squeeze(1)  # (T,) position of each token in the (S*L) grid
 
-    def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, d) -> (S, H, L, d)
-        grid = t.new_zeros(S * L, t.shape[1], d)
-        grid[slots] = t
-        return grid.view(S, L, -1, d).transpose(1, 2)
+    def sdpa(a: int, n: int, L: int, is_causal: bool) -> torch.Tensor:  # rows a .. a+n·L -> (n·L, Hq, d)
+        views = (t[a:a + n * L].view(n, L, -1, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(*views, is_causal=is_causal, enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(n * L, Hq, d)
 
-    mask = None if causal else valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(S * L, Hq, d)[slots]
+    runs = []  # [start, count, length] of consecutive equal-length sequences
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if runs and runs[-1][2] == b - a:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1, b - a])
+    if len(runs) == 1:
+        return sdpa(*runs[0], causal)
+    if causal:
+        lengths = torch.tensor([b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])], device=q.device)
+        S, L = len(lengths), int(lengths.max())
+        slots = (torch.arange(L, device=q.device) < lengths[:, None]).flatten().nonzero().squeeze(1)  # (T,)
+        out = F.scaled_dot_product_attention(*(_pad(t, slots, S, L) for t in (q, k, v)), is_causal=True,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(S * L, Hq, d)[slots]
+    return torch.cat([sdpa(a, n, L, False) for a, n, L in runs])
+
+
+def _pad(t: torch.Tensor, slots: torch.Tensor, S: int, L: int) -> torch.Tensor:
+    """(T, H, d) packed -> (S, H, L, d) right-padded with zeros; `slots` are the tokens' places in S·L."""
+    grid = t.new_zeros(S * L, t.shape[1], t.shape[2])
+    grid[slots] = t
+    return grid.view(S, L, -1, t.shape[2]).transpose(1, 2)

@@ -134,3 +134,14 @@ class Reference:
         b = self.text_batch(texts, task, prompt_name, max_length)
         h = self.hidden(b["input_ids"], b["attention_mask"], task)
         return self.pool(h, b["input_ids"], b["attention_mask"], task, multivector, truncate_dim)
+
+    def image_batch(self, grid) -> dict:
+        """The released image prompt with its pad token expanded to t·h·w/4 copies, as the processor does."""
+        n = int(torch.tensor(grid).prod()) // 4
+        return self.tokenizer([IMAGE_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * n)], return_tensors="pt")
+
+    def encode_image(self, pixel_values, grid, task: str, multivector=False, truncate_dim=None):
+        """One image: its patches (N, 1176) and grid (t, h, w) -> the released single or multi-vector."""
+        b = self.image_batch(grid)
+        h = self.hidden(b["input_ids"], b["attention_mask"], task, pixel_values, torch.tensor([grid]))
+        return self.pool(h, b["input_ids"], b["attention_mask"], task, multivector, truncate_dim)

@@ -1,0 +1,81 @@
+"""Window attention in the vision tower, three ways, at the real head shape (16 heads x 80), on the same inputs:
+one SDPA call per run of equal-length windows (what jina_v4 does), all windows padded into one call with a key
+mask, and one SDPA call per window.
+
+    python scripts/bench_windows.py --megapixels 0.6 1 2 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from jina_v4.layers import varlen_attention
+from jina_v4.positions import cumulative, window_index
+from jina_v4.processing import smart_resize
+
+
+def padded(q, k, v, cu):
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    S, L = len(lengths), max(lengths)
+    valid = torch.arange(L, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]
+    slots = valid.flatten().nonzero().squeeze(1)
+    grids = []
+    for t in (q, k, v):
+        g = t.new_zeros(S * L, *t.shape[1:])
+        g[slots] = t
+        grids.append(g.view(S, L, *t.shape[1:]).transpose(1, 2))
+    out = F.scaled_dot_product_attention(*grids, attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2).reshape(S * L, *q.shape[1:])[slots]
+
+
+def per_window(q, k, v, cu):
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1], cu[1:]):
+        out[a:b] = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+    return out
+
+
+def timeit(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--megapixels", type=float, nargs="+", default=[0.6, 1.0, 2.0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"{'image':>12} {'patches':>8} {'windows':>8} {'runs s':>12} {'padded+mask s':>14} "
+          f"{'per-window s':>13}")
+    for mp in args.megapixels:
+        side = int((mp * 1e6) ** 0.5)
+        h, w = smart_resize(side, int(side * 4 / 3), 28, 3136, int(mp * 1e6 * 4 / 3))
+        grid = (1, h // 14, w // 14)
+        _, lengths = window_index(grid, 4, 2)
+        cu = cumulative([n * 4 for n in lengths])
+        N = grid[1] * grid[2]
+        q, k, v = (torch.randn(N, 16, 80, dtype=dtype, device=args.device) for _ in range(3))
+        ref = per_window(q, k, v, cu)
+        for out in (varlen_attention(q, k, v, cu, False), padded(q, k, v, cu)):
+            assert (out - ref).abs().max() < 1e-2
+        a = timeit(lambda: varlen_attention(q, k, v, cu, False), args.repeat)
+        b = timeit(lambda: padded(q, k, v, cu), args.repeat)
+        c = timeit(lambda: per_window(q, k, v, cu), args.repeat)
+        print(f"{h:>5}x{w:<6} {N:>8} {len(lengths):>8} {a:>12.4f} {b:>14.4f} {c:>13.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,188 @@
-"""The `jina-v4` command: a thin layer over the Python API.
+"""The `jina-v4` command (also `python -m jina_v4`), a thin layer over the Python API.
 
-    jina-v4 embed "some text" "more text" --task retrieval      # JSON lines on stdout
-    jina-v4 info --model jinaai/jina-embeddings-v4               # config and parameter counts
+    jina-v4 embed "a text" --image page.png -o out.npy     # texts, files, stdin, images; .npy .safetensors .jsonl
+    jina-v4 score "a query" --doc "a text" --image docs/    # ranked cosine or MaxSim table
+    jina-v4 heatmap "a query" page.png -o heat.png          # where on the page the query matches
+    jina-v4 info                                            # config and parameter counts (reads no weights)
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 DEFAULT_MODEL = "jinaai/jina-embeddings-v4"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class CLIError(Exception):
+    pass
+
+
+def load_model(args):
+    from .model import JinaV4
+
+    model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model.task = args.task
+    return model
+
+
+def read_texts(texts: list[str], files: list[str] | None, field: str, stdin: bool) -> list[str]:
+    """Texts given, then each file's (one per line, or the `field` of each .jsonl object), else stdin's lines."""
+    texts = list(texts)
+    for file in files or []:
+        path = Path(file)
+        if not path.is_file():
+            raise CLIError(f"{file}: no such file")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(lines, 1):
+                try:
+                    texts.append(json.loads(line)[field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CLIError(f"{file}:{n}: not a JSON object with a {field!r} field") from None
+        else:
+            texts += lines
+    if not texts and stdin and not sys.stdin.isatty():
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return texts
+
+
+def expand_images(specs: list[str]) -> list[str]:
+    """Paths, globs and directories (searched recursively for image files), in a stable order."""
+    out = []
+    for spec in specs or []:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in spec for c in "*?["):
+            found = sorted(glob.glob(spec, recursive=True))
+        elif path.is_file() or spec.startswith(("http://", "https://")):
+            found = [spec]
+        else:
+            raise CLIError(f"{spec}: no such file")
+        if not found:
+            raise CLIError(f"{spec}: matches no image file")
+        out += found
+    return out
+
+
+def embed_all(model, inputs: list[dict], args, desc: str):
+    """Encode inputs chunk by chunk with a progress bar; returns the results in order."""
+    from tqdm import tqdm
+
+    results, step = [], max(64, 8 * args.batch_size)
+    quiet = args.quiet or not sys.stderr.isatty()
+    with tqdm(total=len(inputs), desc=desc, unit="item", disable=quiet, file=sys.stderr) as bar:
+        for i in range(0, len(inputs), step):
+            chunk = inputs[i:i + step]
+            out = model.encode(chunk, prompt_name=args.prompt_name, batch_size=args.batch_size,
+                               return_multivector=args.multivector, truncate_dim=args.truncate_dim,
+                               max_pixels=args.max_pixels)
+            results += list(out)
+            bar.update(len(chunk))
+    return results
+
+
+def write(path: str | None, labels: list[str], vectors: list, multivector: bool, meta: dict) -> None:
+    import torch
+
+    if path is None or path.endswith(".jsonl"):
+        lines = (json.dumps({"input": lab, "embedding": v.tolist()}, ensure_ascii=False) + "\n"
+                 for lab, v in zip(labels, vectors))
+        if path is None:
+            sys.stdout.writelines(lines)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+        return
+    if multivector:
+        from .late import pad_multivectors
+
+        padded, mask = pad_multivectors(vectors)
+        tensors = {"embeddings": padded, "mask": mask}
+    else:
+        tensors = {"embeddings": torch.stack(vectors)}
+    if path.endswith(".npy"):
+        np.save(path, tensors["embeddings"].numpy())  # multi-vectors: zero rows pad each item to the longest
+    elif path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata={"inputs": json.dumps(labels, ensure_ascii=False), **meta})
+    else:
+        raise CLIError(f"{path}: the output must end in .npy, .safetensors or .jsonl")
+
+
+def embed(args) -> None:
+    if args.output and not args.output.endswith((".npy", ".safetensors", ".jsonl")):
+        raise CLIError(f"{args.output}: the output must end in .npy, .safetensors or .jsonl")
+    texts = read_texts(args.texts, args.input, args.text_field, stdin=not args.image)
+    images = expand_images(args.image)
+    if not texts and not images:
+        raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
+    model = load_model(args)
+    start, tokens = time.perf_counter(), model.tokens_processed
+    inputs = [{"text": t} for t in texts] + [{"image": p} for p in images]
+    vectors = embed_all(model, inputs, args, "embedding")
+    meta = {"model": str(args.model), "task": args.task, "prompt_name": args.prompt_name,
+            "multivector": str(args.multivector)}
+    write(args.output, texts + images, vectors, args.multivector, meta)
+    if not args.quiet:
+        print(f"embedded {len(inputs)} items ({model.tokens_processed - tokens} tokens) in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def score(args) -> None:
+    from .late import maxsim
+
+    docs = [{"text": t} for t in read_texts(args.doc, args.docs_file, args.text_field, stdin=False)]
+    docs += [{"image": p} for p in expand_images(args.image)]
+    if not docs:
+        raise CLIError("no documents: give --doc texts, --docs-file files or --image paths")
+    model = load_model(args)
+    common = dict(batch_size=args.batch_size, return_multivector=args.multivector, max_pixels=args.max_pixels)
+    q = model.encode([{"text": t} for t in args.queries], prompt_name="query", **common)
+    d = model.encode(docs, prompt_name="passage", **common)
+    scores = maxsim(q, d) if args.multivector else q @ d.T
+    kind = "MaxSim" if args.multivector else "cosine"
+    for i, query in enumerate(args.queries):
+        print(f"query: {query}")
+        print(f"  {'rank':>4}  {kind:>8}  document")
+        order = scores[i].argsort(descending=True)[: args.top]
+        for rank, j in enumerate(order.tolist(), 1):
+            label = f"text: {docs[j]['text']}" if "text" in docs[j] else f"image: {docs[j]['image']}"
+            label = label if len(label) <= 70 else label[:67] + "..."
+            print(f"  {rank:>4}  {scores[i, j].item():>8.4f}  {label}")
+
+
+def heatmap(args) -> None:
+    from PIL import Image
+
+    from .processing import load_image
+
+    model = load_model(args)
+    image = load_image(args.image)
+    scores = model.similarity_map(args.query, image, max_pixels=args.max_pixels)  # (h, w) merge units
+    s = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-12)
+    heat = Image.fromarray(colormap(s.numpy())).resize(image.size, Image.Resampling.BILINEAR)
+    Image.blend(image, heat, args.alpha).save(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} ({image.width}x{image.height}, {scores.shape[0]}x{scores.shape[1]} cells, "
+              f"scores {scores.min().item():.3f}..{scores.max().item():.3f})", file=sys.stderr)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8 along dark blue, teal, yellow (a perceptually ordered ramp)."""
+    stops = np.array([[0.0, 20, 30, 90], [0.5, 30, 150, 140], [1.0, 250, 230, 40]])
+    rgb = [np.interp(x, stops[:, 0], stops[:, c]) for c in (1, 2, 3)]
+    return np.stack(rgb, -1).round().astype(np.uint8)
 
 
 def build_meta(model: str):
@@ -23,7 +193,7 @@ def build_meta(model: str):
     from .loading import resolve
     from .model import JinaV4
 
-    path = Path(model) if Path(model).is_dir() else resolve(model)
+    path = resolve(model)
     config = JinaV4Config.from_dict(read_json(path / "config.json"), str(path / "config.json"))
     adapter_file = path / "adapters" / "adapter_config.json"
     adapters = AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
@@ -51,7 +221,7 @@ def info(args) -> None:
         tensors[component(name)] += 1
     base = sum(n for k, n in counts.items() if not k.startswith("adapter"))
     order = sorted(counts, key=lambda k: (k.startswith("adapter"), k.startswith("multi"), k.startswith("vision")))
-    rows = [("component", "tensors", "parameters")] + [(k, tensors[k], counts[k]) for k in order]
+    rows = [(k, tensors[k], counts[k]) for k in order]
     rows.append(("base model (no adapters)", sum(n for k, n in tensors.items() if not k.startswith("adapter")), base))
     print(f"decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, MLP {t.intermediate_size}, "
           f"heads {t.num_attention_heads} (kv {t.num_key_value_heads}, dim {t.head_dim}), vocab {t.vocab_size}, "
@@ -64,44 +234,72 @@ def info(args) -> None:
     print(f"single vector: {t.hidden_size}-d, Matryoshka dims {list(c.matryoshka_dims)}; "
           f"multi-vector: {c.multi_vector_projector_dim}-d per token")
     width = max(len(r[0]) for r in rows)
-    for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>15}" if r[0] == "component" else
-              f"{r[0]:<{width}}  {r[1]:>7,}  {r[2]:>15,}")
+    print(f"{'component':<{width}}  {'tensors':>7}  {'parameters':>15}")
+    for name, n_tensors, n_params in rows:
+        print(f"{name:<{width}}  {n_tensors:>7,}  {n_params:>15,}")
 
 
-def embed(args) -> None:
-    from .model import JinaV4
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jina-v4", description="jina-embeddings-v4 from the command line")
+    sub = ap.add_subparsers(dest="command", required=True)
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    out = model.encode_text(texts, task=args.task, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim,
-                            return_multivector=args.multivector, batch_size=args.batch_size)
-    for text, vec in zip(texts, out):
-        print(json.dumps({"text": text, "embedding": vec.tolist()}))
+    def model_options(p, task=True):
+        p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
+        if task:
+            p.add_argument("--task", default="retrieval", help="retrieval (default), text-matching or code")
+            p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+            p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+            p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+
+    p = sub.add_parser("embed", help="embed texts and images")
+    p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")
+    p.add_argument("--input", action="append", help="a file of texts: one per line, or .jsonl objects")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--image", action="append", help="image paths, globs or directories")
+    p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
+    p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
+    p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
+    p.add_argument("-o", "--output", help="out.npy, out.safetensors or out.jsonl (default: JSON lines on stdout)")
+    model_options(p)
+    p.set_defaults(run=embed)
+
+    p = sub.add_parser("score", help="rank documents (texts or images) for each query")
+    p.add_argument("queries", nargs="+")
+    p.add_argument("--doc", action="append", default=[], help="a document text")
+    p.add_argument("--docs-file", action="append", help="a file of document texts (lines or .jsonl)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--image", action="append", help="document images: paths, globs or directories")
+    p.add_argument("--multivector", action="store_true", help="MaxSim of multi-vectors instead of cosine")
+    p.add_argument("--top", type=int, default=10)
+    model_options(p)
+    p.set_defaults(run=score)
+
+    p = sub.add_parser("heatmap", help="draw each image cell's late-interaction score with a query")
+    p.add_argument("query")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", default="heatmap.png")
+    p.add_argument("--alpha", type=float, default=0.55, help="heat overlay opacity")
+    model_options(p)
+    p.set_defaults(run=heatmap)
+
+    p = sub.add_parser("info", help="the checkpoint's config and parameter counts (reads no weights)")
+    model_options(p, task=False)
+    p.set_defaults(run=info)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jina-v4", description="jina-embeddings-v4 embeddings from the command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("embed", help="embed texts (arguments, or one per line on stdin) as JSON lines")
-    p.add_argument("texts", nargs="*")
-    p.add_argument("--task", default="retrieval", help="retrieval, text-matching or code")
-    p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
-    p.add_argument("--truncate-dim", type=int)
-    p.add_argument("--multivector", action="store_true")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.set_defaults(run=embed)
-    p = sub.add_parser("info", help="the checkpoint's config and parameter counts (reads no weights)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
-    p.set_defaults(run=info)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"jina-v4: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("jina-v4: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, never a traceback
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"jina-v4: error: {message}", file=sys.stderr)
         return 1
     return 0
 

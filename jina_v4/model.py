@@ -8,6 +8,7 @@ length, so no padding token is computed; results come back in input order.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig, JinaV4Config, read_json
 from .heads import check_truncate_dim, multi_vectors, single_vectors
+from .late import chunk_token_mask, patch_scores, pool_chunks, sentence_spans, token_chunks
 from .loading import load_checkpoint, resolve
 from .lora import LoRALinear, Task, attach_adapters, task_rows
 from .processing import Batch, ImageInput, Item, Processor, describe, text_prompt
@@ -47,6 +49,7 @@ class JinaV4(nn.Module):
         self.adapted = attach_adapters(self, adapter_config, list(config.task_names))
         self.processor: Processor | None = None
         self._task: str | None = None
+        self.tokens_processed = 0  # a running count of the tokens all encode calls have run
 
     @classmethod
     def from_pretrained(
@@ -68,6 +71,8 @@ class JinaV4(nn.Module):
         adapter_config = AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
         processor = Processor.from_dir(path, config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: this torch build sees no CUDA device; use device='cpu'")
         with torch.device("meta"):
             model = cls(config, adapter_config)
         load_checkpoint(model, path, to_dtype(dtype or config.torch_dtype), device)
@@ -112,6 +117,17 @@ class JinaV4(nn.Module):
             if isinstance(m, LoRALinear):
                 m.merge(task)
 
+    def add_task(self, name: str, r: int = 32, lora_alpha: float = 32.0) -> None:
+        """A new task adapter for research: A random, B zero, so it starts as the base model (to be trained)."""
+        if name in self.config.task_names:
+            raise ValueError(f"task {name!r} exists already")
+        for m in self.modules():
+            if isinstance(m, LoRALinear) and m.lora_A:
+                m.add_tasks([name], r, lora_alpha / r)
+                torch.nn.init.kaiming_uniform_(m.lora_A[name], a=5**0.5)
+                torch.nn.init.zeros_(m.lora_B[name])
+        self.config = dataclasses.replace(self.config, task_names=(*self.config.task_names, name))
+
     def forward(self, batch: Batch, task: Task, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """A packed batch -> final-normed hidden states (T, D). See `TextModel.forward` for `hidden_states`."""
         dev = self.device
@@ -125,10 +141,12 @@ class JinaV4(nn.Module):
     def last_hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, task: str | None = None,
         pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """For research: right-padded (B, L) ids -> (B, L, D) final-normed states (zero at padding), the
         reference's `get_last_hidden_states`. Image rows (those holding the image token) take the patches
-        `pixel_values` (N, C·t·p·p) and grids `image_grid_thw` (I, 3) in row order."""
+        `pixel_values` (N, C·t·p·p) and grids `image_grid_thw` (I, 3) in row order. output_hidden_states:
+        every layer's input and the final output, num_hidden_layers + 1 tensors, as the reference's."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
         items, start = [], 0
@@ -143,10 +161,15 @@ class JinaV4(nn.Module):
                 item.pixel_values, start = pixel_values[start:start + n], start + n
             items.append(item)
         batch = self.processor.collate(items)
-        h = self.forward(batch, task_rows(self._tasks(task, len(items)), batch.cu_seqlens, self.device))
-        out = h.new_zeros(*input_ids.shape, h.shape[-1])
-        out[mask.bool().to(h.device)] = h
-        return out
+        layers: list[torch.Tensor] | None = [] if output_hidden_states else None
+        h = self.forward(batch, task_rows(self._tasks(task, len(items)), batch.cu_seqlens, self.device), layers)
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (B, L, D)
+            out = x.new_zeros(*input_ids.shape, x.shape[-1])
+            out[mask.bool().to(x.device)] = x
+            return out
+
+        return [unpack(x) for x in layers] if layers is not None else unpack(h)
 
     @torch.inference_mode()
     def _run(self, items: list[Item], tasks: list[str], multivector: bool, truncate_dim: int | None,
@@ -160,6 +183,7 @@ class JinaV4(nn.Module):
             batch = self.processor.collate([items[i] for i in idx])
             task = task_rows([tasks[i] for i in idx], batch.cu_seqlens, self.device)
             h = self.forward(batch, task)
+            self.tokens_processed += h.shape[0]
             if multivector:
                 lengths = [len(items[i].input_ids) for i in idx]
                 vecs = multi_vectors(self.multi_vector_projector, h, task).cpu().split(lengths)
@@ -249,3 +273,56 @@ class JinaV4(nn.Module):
             return self.processor.image_item(image, max_pixels)
         except Exception as e:
             raise ValueError(f"images[{i}] ({describe(image)}): {type(e).__name__}: {e}") from e
+
+    @torch.inference_mode()
+    def encode_chunks(
+        self, text: str, chunks: str | int | Sequence[tuple[int, int]] = "sentences", task: str | None = None,
+        prompt_name: str = "passage", max_length: int = 32768, truncate_dim: int | None = None,
+        return_numpy: bool = False,
+    ) -> tuple[Output, list[tuple[int, int]]]:
+        """Late chunking: embed `text` once (up to 32768 tokens), then one single vector per chunk, the
+        normalised mean of the chunk's token states, so each chunk sees its whole context. chunks:
+        "sentences", an int token budget (consecutive groups of that many tokens), or (start, end) character
+        spans. A token belongs to the chunk holding its first character; the prefix tokens belong to none.
+        Returns (C, D) vectors and the chunks' character spans."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {describe(text)}")
+        tasks, truncate_dim = self._common(task, 1, truncate_dim)
+        prompt = text_prompt(text, tasks[0], prompt_name)
+        shift = len(prompt) - len(text)
+        enc = self.processor.encode([prompt], max_length)[0]
+        offsets = [(a - shift, b - shift) for a, b in enc.offsets]  # prefix tokens get negative offsets
+        if chunks == "sentences":
+            spans = sentence_spans(text)
+        elif isinstance(chunks, int):
+            spans = token_chunks([o for o in offsets if o[0] >= 0], chunks)
+        else:
+            spans = [tuple(s) for s in chunks]
+            for a, b in spans:
+                if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= len(text)):
+                    raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
+        if not spans:
+            raise ValueError("the text holds no chunk to embed")
+        mask = chunk_token_mask(offsets, spans)
+        for (a, b), n in zip(spans, mask.sum(1).tolist()):
+            if n == 0:
+                raise ValueError(f"chunk ({a}, {b}) has no tokens left after truncation at max_length={max_length}")
+        batch = self.processor.collate([Item(enc.ids)])
+        h = self.forward(batch, tasks[0])
+        self.tokens_processed += h.shape[0]
+        vecs = pool_chunks(h, mask, truncate_dim).cpu()
+        return (vecs.numpy() if return_numpy else vecs), spans
+
+    @torch.inference_mode()
+    def similarity_map(self, query: str, image: ImageInput, task: str | None = None,
+                       max_pixels: int | None = None) -> torch.Tensor:
+        """(h, w) over the image's merge units (28x28 px each of the resized image): each unit's
+        late-interaction score with the query's multi-vectors (see `late.patch_scores`)."""
+        q = self.encode_text(query, task=task, return_multivector=True)
+        item = self._image_item(0, image, max_pixels)
+        tasks = self._tasks(task, 1)
+        batch = self.processor.collate([item])
+        h = self.forward(batch, tasks[0])
+        vecs = multi_vectors(self.multi_vector_projector, h, tasks[0]).cpu()
+        merge = self.processor.image_cfg.merge_size
+        return patch_scores(q, vecs[batch.image_mask]).view(item.grid[1] // merge, item.grid[2] // merge)

@@ -143,10 +143,14 @@ class Processor:
         return i
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        if not 0 < max_length:
-            raise ValueError(f"max_length must be positive, got {max_length}")
+        return [e.ids for e in self.encode(texts, max_length)]
+
+    def encode(self, texts: list[str], max_length: int):
+        """tokenizers Encodings (ids, character offsets), truncated on the right at min(max_length, 32768)."""
+        if not (isinstance(max_length, int) and max_length > 0):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         self.tokenizer.enable_truncation(min(max_length, MAX_TEXT_TOKENS))
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
 
     def image_item(self, image: ImageInput, max_pixels: int | None = None) -> Item:
         pixels, grid = image_patches(load_image(image), self.image_cfg, max_pixels)

@@ -40,6 +40,7 @@ class Attention(nn.Module):
         super().__init__()
         D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.head_dim = d
+        self.causal = True  # the released model is causal everywhere, image tokens included
         self.q_proj = LoRALinear(D, H * d, bias=True)
         self.k_proj = LoRALinear(D, K * d, bias=True)
         self.v_proj = LoRALinear(D, K * d, bias=True)
@@ -51,7 +52,7 @@ class Attention(nn.Module):
         k = self.k_proj(x, task).view(T, -1, d)  # (T, K, d)
         v = self.v_proj(x, task).view(T, -1, d)  # (T, K, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, causal=True)  # (T, H, d)
+        o = varlen_attention(q, k, v, cu_seqlens, self.causal)  # (T, H, d)
         return self.o_proj(o.reshape(T, -1), task)
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tiny.py and reference.py
+sys.path.insert(0, str(Path(__file__).parent))  # tiny.py
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # reference.py, the oracle (also used by parity.py)
 
 from tiny import CONFIGS, Tiny, write_checkpoint  # noqa: E402
 

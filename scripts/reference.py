@@ -1,6 +1,6 @@
 """The reference oracle: transformers 4.52.4 Qwen2.5-VL + peft 0.15.2 (one LoRA adapter per task, named after
 the task) + the released pooling rules (modeling_jina_embeddings_v4.py), loaded from a checkpoint directory
-in the released layout. Test-only; jina_v4 never imports this.
+in the released layout. Used by the tests and by scripts/parity.py; jina_v4 never imports it.
 
 Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positions: the released code's
 `hidden_states[-1]` without the LM head (SPEC.md §13).
@@ -8,6 +8,7 @@ Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -67,8 +68,11 @@ def add_task_adapters(ref: RefModel, adapter_cfg: dict, tasks: list[str]):
 
 
 class Reference:
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """dtype float32: plain fp32. bfloat16/float16: half weights run under autocast, as the released
+        encode_* does (peft keeps the LoRA weights in fp32; autocast runs their matmuls in half precision)."""
         path = Path(path)
+        self.device, self.dtype = torch.device(device), dtype
         cfg = json.loads((path / "config.json").read_text())
         self.config = cfg
         self.ref = RefModel.from_config_dict(cfg, dtype)
@@ -89,9 +93,14 @@ class Reference:
         assert not result.unexpected_keys, result.unexpected_keys[:5]
         missing = [k for k in result.missing_keys if ".lora_" in k]
         assert not missing, missing[:5]
-        self.peft.eval()
+        self.peft.eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.path = path
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
@@ -99,10 +108,15 @@ class Reference:
         """Final-normed hidden states (B, L, D), as the released get_last_hidden_states."""
         self.peft.set_adapter(task)
         model = self.ref.model
+        dev = self.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        pixel_values = None if pixel_values is None else pixel_values.to(dev)
+        image_grid_thw = None if image_grid_thw is None else image_grid_thw.to(dev)
         position_ids, _ = model.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
-                    output_hidden_states=output_hidden_states)
+        with self.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
+                        output_hidden_states=output_hidden_states)
         return out.hidden_states if output_hidden_states else out.last_hidden_state
 
     def text_batch(self, texts: list[str], task: str, prompt_name: str = "query", max_length: int = 32768):
@@ -114,20 +128,24 @@ class Reference:
     def pool(self, h, input_ids, attention_mask, task, multivector=False, truncate_dim=None):
         """The released heads: single vector pooled by row 0's rule, or masked multi-vectors."""
         cfg = self.config
+        input_ids, attention_mask = input_ids.to(h.device), attention_mask.to(h.device)
         if multivector:
             self.peft.set_adapter(task)
-            v = F.normalize(self.ref.multi_vector_projector(h), dim=-1) * attention_mask.unsqueeze(-1)
-            return [e[m.bool()] for e, m in zip(v, attention_mask)]
-        if cfg["vision_start_token_id"] in input_ids[0]:
-            start = torch.where(input_ids == cfg["vision_start_token_id"])[1]
-            end = torch.where(input_ids == cfg["vision_end_token_id"])[1]
-            pos = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1)
-            mask = (pos >= start[:, None]) & (pos <= end[:, None])
-            pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        else:
-            pooled = (h * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
-        v = F.normalize(pooled, dim=-1)
-        return v if truncate_dim is None else F.normalize(v[:, :truncate_dim], dim=-1)
+            with self.autocast():
+                v = F.normalize(self.ref.multi_vector_projector(h), dim=-1) * attention_mask.unsqueeze(-1)
+            return [e[m.bool()].float().cpu() for e, m in zip(v, attention_mask)]
+        with self.autocast():
+            if cfg["vision_start_token_id"] in input_ids[0]:
+                start = torch.where(input_ids == cfg["vision_start_token_id"])[1]
+                end = torch.where(input_ids == cfg["vision_end_token_id"])[1]
+                pos = torch.arange(input_ids.shape[1], device=h.device).expand(input_ids.shape[0], -1)
+                mask = (pos >= start[:, None]) & (pos <= end[:, None])
+                pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+            else:
+                pooled = (h * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
+            v = F.normalize(pooled, dim=-1)
+            v = v if truncate_dim is None else F.normalize(v[:, :truncate_dim], dim=-1)
+        return v.float().cpu()
 
     def encode_text(self, texts: list[str], task: str, prompt_name: str = "query", multivector=False,
                     truncate_dim=None, max_length=32768):

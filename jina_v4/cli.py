@@ -237,6 +237,15 @@ def info(args) -> None:
     print(f"{'component':<{width}}  {'tensors':>7}  {'parameters':>15}")
     for name, n_tensors, n_params in rows:
         print(f"{name:<{width}}  {n_tensors:>7,}  {n_params:>15,}")
+    if args.layers:
+        for title, prefix in (("one decoder layer", "model.layers.0."), ("one vision block", "visual.blocks.0."),
+                              ("the rest of the vision tower", "visual.patch_embed."), ("", "visual.merger."),
+                              ("the heads", "multi_vector_projector.")):
+            if title:
+                print(f"\n{title}:")
+            for name, p in model.state_dict().items():
+                if name.startswith(prefix) and (".lora_" not in name or name.endswith("." + c.task_names[0])):
+                    print(f"  {name:<58} {str(tuple(p.shape)):>16} {p.numel():>13,}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -285,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=heatmap)
 
     p = sub.add_parser("info", help="the checkpoint's config and parameter counts (reads no weights)")
+    p.add_argument("--layers", action="store_true", help="also every tensor of one layer, block and head")
     model_options(p, task=False)
     p.set_defaults(run=info)
     return ap

@@ -260,7 +260,7 @@ class JinaV4(nn.Module):
                     raise TypeError(f"inputs[{i}]: text must be str, got {describe(value)}")
                 texts[i] = text_prompt(value, tasks[i], prompt_name or "query")
             elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
-                items[i] = self._image_item(i, value, max_pixels)
+                items[i] = self._image_item(i, value, max_pixels, "inputs")
             else:
                 raise TypeError(f"inputs[{i}] is neither text nor an image: {describe(x)}")
         for i, ids in zip(texts, self.processor.tokenize(list(texts.values()), max_length) if texts else []):
@@ -268,11 +268,11 @@ class JinaV4(nn.Module):
         vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
         return self._output(vecs, False, return_multivector, return_numpy)
 
-    def _image_item(self, i: int, image: ImageInput, max_pixels: int | None) -> Item:
+    def _image_item(self, i: int, image: ImageInput, max_pixels: int | None, what: str = "images") -> Item:
         try:
             return self.processor.image_item(image, max_pixels)
         except Exception as e:
-            raise ValueError(f"images[{i}] ({describe(image)}): {type(e).__name__}: {e}") from e
+            raise ValueError(f"{what}[{i}] ({describe(image)}): {type(e).__name__}: {e}") from e
 
     @torch.inference_mode()
     def encode_chunks(

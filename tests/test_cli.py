@@ -1,0 +1,145 @@
+"""The installed `jina-v4` console script, run as a subprocess on a tiny checkpoint; every output read back
+and compared with the Python API."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+SCRIPT = shutil.which("jina-v4") or str(Path(sys.executable).parent / "jina-v4")
+TEXTS = ["first text", "zweiter Text", "第三个文本"]
+
+
+def run(*args, stdin=None, ok=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env,
+                         timeout=300)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints):
+    return checkpoints["gqa4-single"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in [("a.png", (120, 90)), ("b.jpg", (60, 200)), ("sub/c.png", (300, 300))]:
+        (d / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / name)
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_embed_texts_jsonl_stdout(ckpt, models):
+    out = run("embed", *TEXTS, "--model", ckpt, "--task", "code", "--prompt-name", "passage")
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = models("gqa4-single").encode_text(TEXTS, task="code", prompt_name="passage")
+    assert [r["input"] for r in rows] == TEXTS
+    assert torch.allclose(torch.tensor([r["embedding"] for r in rows]), expected, atol=1e-6)
+    assert out.stderr.strip().startswith("embedded 3 items (") and out.stderr.strip().endswith(" s")
+
+
+def test_embed_from_files_and_stdin(ckpt, models, tmp_path):
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS[:2]) + "\n\n")
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(TEXTS)))
+    out = run("embed", "--input", tmp_path / "t.txt", "--input", tmp_path / "t.jsonl", "--text-field", "body",
+              "--model", ckpt, "--truncate-dim", 16, "-o", tmp_path / "o.npy", "--quiet")
+    got = np.load(tmp_path / "o.npy")
+    expected = models("gqa4-single").encode_text(TEXTS[:2] + TEXTS, task="retrieval", truncate_dim=16)
+    assert got.shape == (5, 16) and np.allclose(got, expected.numpy(), atol=1e-6)
+    assert out.stderr == ""  # --quiet: no progress bar, no summary
+    piped = run("embed", "--model", ckpt, "--quiet", stdin="\n".join(TEXTS) + "\n")
+    assert [json.loads(line)["input"] for line in piped.stdout.splitlines()] == TEXTS
+
+
+def test_embed_images_and_texts_multivector_safetensors(ckpt, models, images, tmp_path):
+    out_file = tmp_path / "o.safetensors"
+    run("embed", TEXTS[0], "--image", images / "a.png", "--image", str(images / "*.jpg"), "--image",
+        images / "sub", "--multivector", "--model", ckpt, "-o", out_file, "--max-pixels", 50_000)
+    with safe_open(out_file, "pt") as f:
+        padded, mask, meta = f.get_tensor("embeddings"), f.get_tensor("mask"), f.metadata()
+    inputs = json.loads(meta["inputs"])
+    assert inputs == [TEXTS[0], str(images / "a.png"), str(images / "b.jpg"), str(images / "sub" / "c.png")]
+    model = models("gqa4-single")
+    expected = [model.encode_text(TEXTS[0], task="retrieval", return_multivector=True)]
+    expected += model.encode_image(inputs[1:], task="retrieval", return_multivector=True, max_pixels=50_000)
+    for row, m, e in zip(padded, mask, expected):
+        assert m.sum() == len(e) and torch.allclose(row[m], e, atol=1e-6) and not row[~m].any()
+
+
+def test_embed_jsonl_file(ckpt, models, images, tmp_path):
+    run("embed", "--image", images / "a.png", "--model", ckpt, "-o", tmp_path / "o.jsonl", "--task", "text-matching")
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    expected = models("gqa4-single").encode_image(str(images / "a.png"), task="text-matching")
+    assert row["input"] == str(images / "a.png") and torch.allclose(torch.tensor(row["embedding"]), expected, atol=1e-6)
+
+
+def test_score(ckpt, models, images):
+    out = run("score", "query one", "query two", "--doc", "doc a", "--doc", "doc b", "--image", images / "a.png",
+              "--model", ckpt)
+    model = models("gqa4-single")
+    q = model.encode_text(["query one", "query two"], task="retrieval")
+    d = model.encode([{"text": "doc a"}, {"text": "doc b"}, {"image": str(images / "a.png")}], task="retrieval",
+                     prompt_name="passage")
+    lines = out.stdout.splitlines()
+    assert lines[0] == "query: query one" and "cosine" in lines[1]
+    ranked = [float(line.split()[1]) for line in lines[2:5]]
+    assert ranked == sorted(ranked, reverse=True)
+    assert np.allclose(sorted(ranked, reverse=True), sorted((q @ d.T)[0].tolist(), reverse=True), atol=1e-4)
+    multi = run("score", "query one", "--doc", "doc a", "--doc", "doc b", "--multivector", "--top", 1,
+                "--model", ckpt).stdout.splitlines()
+    assert "MaxSim" in multi[1] and len(multi) == 3
+
+
+def test_heatmap_png(ckpt, images, tmp_path):
+    out = run("heatmap", "a query", images / "b.jpg", "-o", tmp_path / "h.png", "--model", ckpt)
+    with Image.open(tmp_path / "h.png") as png:
+        assert png.format == "PNG" and png.size == (200, 60)
+    assert "wrote" in out.stderr
+
+
+def test_info_and_module_entry(ckpt):
+    out = run("info", "--model", ckpt)
+    assert "base model (no adapters)" in out.stdout and "adapter code" in out.stdout
+    via_module = subprocess.run([sys.executable, "-m", "jina_v4", "info", "--model", str(ckpt)],
+                                capture_output=True, text=True)
+    assert via_module.returncode == 0 and via_module.stdout == out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
+    (["embed", "--image", "IMAGES/notes.txt"], "inputs[0] ("),
+    (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
+    (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
+    (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
+    (["embed", "x", "--task", "search"], "unknown task 'search'"),
+    (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
+    (["embed", "x", "--device", "cuda"], "no CUDA device"),
+    (["score", "q"], "no documents"),
+    (["heatmap", "q", "/no/such.png"], "No such file"),
+])
+def test_errors_are_one_line(ckpt, images, tmp_path, args, message):
+    args = [a.replace("IMAGES", str(images)) for a in args]
+    out = run(*args, "--model", ckpt, ok=False)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("jina-v4: error: "), out.stderr
+    assert message in out.stderr
+
+
+def test_bad_option_and_missing_model():
+    assert run("embed", "--no-such-option", ok=False).returncode == 2
+    out = run("embed", "x", "--model", "/no/such/dir", ok=False)
+    assert out.returncode == 1 and "not a checkpoint directory" in out.stderr

@@ -1,0 +1,164 @@
+"""Late interaction (MaxSim), late chunking, similarity maps and the research hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jina_v4.late import chunk_token_mask, maxsim, pad_multivectors, sentence_spans, token_chunks
+
+torch.manual_seed(0)
+
+
+def ragged(n, lo, hi, dim=16, dtype=torch.float32):
+    return [F.normalize(torch.randn(int(torch.randint(lo, hi, ())), dim), dim=-1).to(dtype) for _ in range(n)]
+
+
+def plain_loop(qs, ds):
+    return torch.tensor([[sum(max(float(q_t @ d_s) for d_s in d) for q_t in q) for d in ds] for q in qs])
+
+
+def colpali(qs, ds):
+    """colpali-engine's score_multi_vector on zero-padded inputs: einsum, max over document tokens, sum."""
+    q = torch.nn.utils.rnn.pad_sequence(qs, batch_first=True)
+    d = torch.nn.utils.rnn.pad_sequence(ds, batch_first=True)
+    return torch.einsum("bnd,csd->bcns", q, d).max(dim=3)[0].sum(dim=2)
+
+
+def test_maxsim_equals_plain_loop_and_colpali():
+    qs, ds = ragged(5, 2, 9), ragged(7, 3, 30)
+    got = maxsim(qs, ds)
+    assert torch.allclose(got, plain_loop(qs, ds), atol=1e-5)
+    # colpali's formula on padded inputs: identical wherever a padding row cannot win the max, i.e. whenever
+    # each query token has a non-negative best match (always so for real embeddings of related inputs)
+    ds_pos = [d.abs() for d in ds]
+    qs_pos = [q.abs() for q in qs]
+    assert torch.allclose(maxsim(qs_pos, ds_pos), colpali(qs_pos, ds_pos), atol=1e-5)
+    # chunked equals unchunked; padded (N, L, P) input equals the ragged list
+    assert torch.allclose(maxsim(qs, ds, batch_size=2), got, atol=1e-6)
+    assert torch.allclose(maxsim(pad_multivectors(qs)[0], pad_multivectors(ds)[0]), got, atol=1e-6)
+
+
+def test_maxsim_masks_padding_where_colpali_lets_it_win():
+    q = [torch.tensor([[1.0, 0.0]])]
+    docs = [torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.0, 0.0], [0.0, -1.0], [-0.6, -0.8]])]
+    assert maxsim(q, docs).tolist() == [[-1.0, -0.0]]  # the first document's only token scores -1
+    assert colpali(q, docs)[0, 0] == 0  # colpali: a zero padding row of the first document "matches" at 0
+
+
+def test_maxsim_bf16_accumulates_in_fp32():
+    qs, ds = ragged(3, 20, 40, 128, torch.bfloat16), ragged(4, 100, 300, 128, torch.bfloat16)
+    exact = plain_loop([q.float() for q in qs], [d.float() for d in ds])
+    got = maxsim(qs, ds)
+    assert got.dtype == torch.float32 and torch.allclose(got, exact, atol=1e-4)
+
+
+def test_pad_multivectors():
+    vs = ragged(3, 1, 6)
+    padded, mask = pad_multivectors(vs)
+    assert padded.shape == (3, max(len(v) for v in vs), 16)
+    for p, m, v in zip(padded, mask, vs):
+        assert torch.equal(p[m], v) and not p[~m].any()
+
+
+def test_chunkers():
+    text = "First sentence. Second one!  Third?\nA line without a stop\n最后一句。还有一句"
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == ["First sentence.", "Second one!", "Third?", "A line without a stop",
+                                            "最后一句。", "还有一句"]
+    offsets = [(0, 3), (3, 5), (5, 9), (9, 10), (10, 14)]
+    assert token_chunks(offsets, 2) == [(0, 5), (5, 10), (10, 14)]
+    assert chunk_token_mask(offsets, [(0, 5), (5, 14)]).tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+
+
+DOC = ("Coastal cities face rising seas. Storm surges grow stronger every decade! "
+       "Salt water reaches the wells?\n海平面上升威胁沿海城市。Adaptation costs money.")
+
+
+@pytest.mark.parametrize("chunks", ["sentences", 7, [(0, 10), (10, 60), (60, len(DOC))]])
+def test_late_chunking_equals_reference_hidden_states(name, models, references, chunks):
+    model, ref = models(name), references(name)
+    vecs, spans = model.encode_chunks(DOC, chunks=chunks, task="retrieval")
+    b = ref.text_batch([DOC], "retrieval", "passage")
+    h = ref.hidden(b["input_ids"], b["attention_mask"], "retrieval")[0]
+    # the reference tokenizer's own offsets, shifted past "Passage: "; a token goes to the chunk of its first char
+    offsets = ref.tokenizer(f"Passage: {DOC}", return_offsets_mapping=True)["offset_mapping"]
+    starts = torch.tensor([a - len("Passage: ") for a, _ in offsets])
+    assert len(spans) == len(vecs) > 1
+    for (a, c), v in zip(spans, vecs):
+        rows = (starts >= a) & (starts < c)
+        expected = F.normalize(h[rows].mean(0), dim=0)
+        assert (v - expected).abs().max() <= 1e-5
+    if chunks == "sentences":
+        assert [DOC[a:c] for a, c in spans][-2:] == ["海平面上升威胁沿海城市。", "Adaptation costs money."]
+
+
+def test_late_chunking_errors(models):
+    model = models("gqa2-sharded")
+    with pytest.raises(ValueError, match=r"chunk span \(5, 3\)"):
+        model.encode_chunks(DOC, chunks=[(5, 3)], task="code")
+    with pytest.raises(ValueError, match="has no tokens left after truncation at max_length=8"):
+        model.encode_chunks(DOC, chunks="sentences", task="code", max_length=8)
+    v, _ = model.encode_chunks(DOC, task="code", truncate_dim=16)
+    assert v.shape[1] == 16 and torch.allclose(v.norm(dim=-1), torch.ones(len(v)))
+
+
+def test_similarity_map(models):
+    from PIL import Image
+
+    model = models("gqa2-sharded")
+    img = Image.new("RGB", (150, 100), (120, 30, 200))
+    heat = model.similarity_map("a purple page", img, task="retrieval")
+    item = model.processor.image_item(img)
+    assert heat.shape == (item.grid[1] // 2, item.grid[2] // 2)
+    q = model.encode_text("a purple page", task="retrieval", return_multivector=True)
+    d = model.encode_image(img, task="retrieval", return_multivector=True)
+    rows = torch.tensor(item.input_ids) == model.config.image_token_id
+    # each cell's score is MaxSim of the query against that cell alone
+    assert torch.allclose(heat.flatten(), maxsim([q], [d[i:i + 1] for i in rows.nonzero().flatten()])[0], atol=1e-5)
+
+
+def test_all_hidden_states_match_reference(models, references):
+    model, ref = models("gqa4-single"), references("gqa4-single")
+    b = ref.text_batch(["one text", "and a second, longer text"], "code")
+    ours = model.last_hidden_states(b["input_ids"], b["attention_mask"], task="code", output_hidden_states=True)
+    theirs = ref.hidden(b["input_ids"], b["attention_mask"], "code", output_hidden_states=True)
+    assert len(ours) == len(theirs) == model.config.text_config.num_hidden_layers + 1
+    m = b["attention_mask"].bool()
+    for a, t in zip(ours, theirs):
+        assert (a[m] - t[m]).abs().max() <= 1e-5
+
+
+def test_bidirectional_switch_matches_reference_with_full_mask(models, references):
+    model, ref = models("gqa2-sharded"), references("gqa2-sharded")
+    b = ref.text_batch(["attention both ways"], "retrieval")
+    causal = model.last_hidden_states(b["input_ids"], task="retrieval")
+    for layer in model.model.layers:
+        layer.self_attn.causal = False
+    try:
+        both_ways = model.last_hidden_states(b["input_ids"], task="retrieval")
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.causal = True
+    L = b["input_ids"].shape[1]
+    full = torch.zeros(1, 1, L, L)  # a 4-D additive mask that hides nothing
+    ref.peft.set_adapter("retrieval")
+    pos = torch.arange(L).expand(3, 1, L)
+    with torch.no_grad():
+        expected = ref.ref.model(input_ids=b["input_ids"], attention_mask=full, position_ids=pos).last_hidden_state
+    assert (both_ways - expected).abs().max() <= 1e-5
+    assert (both_ways - causal).abs().max() > 1e-3
+
+
+def test_add_task_starts_as_the_base_model(checkpoints, references):
+    from jina_v4 import JinaV4
+
+    model = JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu")
+    model.add_task("legal")
+    ref = references("gqa2-sharded")
+    b = ref.text_batch(["a contract clause"], "retrieval")
+    got = model.last_hidden_states(b["input_ids"], task="legal")
+    with torch.no_grad(), ref.peft.disable_adapter():
+        pos = torch.arange(b["input_ids"].shape[1]).expand(3, 1, -1)
+        base = ref.ref.model(input_ids=b["input_ids"], position_ids=pos).last_hidden_state
+    assert (got - base).abs().max() <= 1e-5
+    assert "legal" in model.config.task_names and model.encode_text("x", task="legal").shape == (64,)

@@ -78,7 +78,7 @@ def embed_all(model, inputs: list[dict], args, desc: str):
     """Encode inputs chunk by chunk with a progress bar; returns the results in order."""
     from tqdm import tqdm
 
-    results, step = [], max(64, 8 * args.batch_size)
+    results, step = [], 256
     quiet = args.quiet or not sys.stderr.isatty()
     with tqdm(total=len(inputs), desc=desc, unit="item", disable=quiet, file=sys.stderr) as bar:
         for i in range(0, len(inputs), step):
@@ -259,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
             p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
             p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
-            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--batch-size", type=int, help="most items per forward pass (default: a token budget)")
             p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
 
     p = sub.add_parser("embed", help="embed texts and images")

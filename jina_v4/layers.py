@@ -21,8 +21,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return h.mul_(self.weight) if not torch.is_grad_enabled() else h * self.weight
 
 
 class MLP(nn.Module):
@@ -35,7 +35,11 @@ class MLP(nn.Module):
         self.down_proj = linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, **lora) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, **lora)) * self.up_proj(x, **lora), **lora)
+        gate, up = self.gate_proj(x, **lora), self.up_proj(x, **lora)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up, **lora)
+        # Inference: in place, so no fresh (T, intermediate) buffers (on a CPU their page faults cost as much).
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up), **lora)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

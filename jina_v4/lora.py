@@ -39,21 +39,22 @@ class LoRALinear(nn.Linear):
             self.lora_B[t] = nn.Parameter(self.weight.new_empty(self.out_features, r), requires_grad=False)
         self.scaling = scaling
 
-    def delta(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A[task]), self.lora_B[task]) * self.scaling
-
     def forward(self, x: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         if not self.lora_A:  # a decoder Linear the adapter config does not target
             return F.linear(x, self.weight, self.bias)
         if task is None:
-            raise ValueError("this layer carries task adapters; pass task=<name> (one of " f"{list(self.lora_A)})")
-        if isinstance(task, str):
-            if task == self.merged_task:
-                return F.linear(x, self.merged_weight, self.bias)
-            return F.linear(x, self.weight, self.bias) + self.delta(x, task)
+            raise ValueError(f"this layer carries task adapters; pass task=<name> (one of {list(self.lora_A)})")
+        if isinstance(task, str) and task == self.merged_task:
+            return F.linear(x, self.merged_weight, self.bias)
         y = F.linear(x, self.weight, self.bias)
-        for t, rows in task:  # (T, in) rows of one task at a time
-            y.index_add_(0, rows, self.delta(x[rows], t))
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (T, in), (T, out)
+        # The low-rank term accumulates into y in place (no (T, out) temporary), scaled on the way.
+        for t, rows in [(task, None)] if isinstance(task, str) else task:
+            A, B = self.lora_A[t], self.lora_B[t]
+            if rows is None:
+                y2.addmm_(F.linear(x2, A), B.t(), alpha=self.scaling)
+            else:  # the rows of one task, through the same addmm
+                y2[rows] = y2[rows].addmm_(F.linear(x2[rows], A), B.t(), alpha=self.scaling)
         return y
 
     @torch.no_grad()

@@ -31,6 +31,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 Output = Union[torch.Tensor, np.ndarray, list]
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on the device (0 when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
@@ -50,6 +61,9 @@ class JinaV4(nn.Module):
         self.processor: Processor | None = None
         self._task: str | None = None
         self.tokens_processed = 0  # a running count of the tokens all encode calls have run
+        self.max_batch_tokens = 16384  # tokens (+ image patches) per forward pass: what bounds memory
+        self.auto_merge = True  # fold a lone task's LoRA into the weights for large calls (see _auto_merge)
+        self._merged: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -116,6 +130,7 @@ class JinaV4(nn.Module):
         for m in self.modules():
             if isinstance(m, LoRALinear):
                 m.merge(task)
+        self._merged = task
 
     def add_task(self, name: str, r: int = 32, lora_alpha: float = 32.0) -> None:
         """A new task adapter for research: A random, B zero, so it starts as the base model (to be trained)."""
@@ -171,15 +186,40 @@ class JinaV4(nn.Module):
 
         return [unpack(x) for x in layers] if layers is not None else unpack(h)
 
+    def _batches(self, items: list[Item], batch_size: int | None) -> list[list[int]]:
+        """Item indices, longest first, cut into batches of at most `max_batch_tokens` tokens (an image also
+        counts its patches) and, when given, `batch_size` items. Sorting keeps padding and waste low."""
+        if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        cost = [len(it.input_ids) + (0 if it.pixel_values is None else len(it.pixel_values)) for it in items]
+        batches: list[list[int]] = []
+        used = 0
+        for i in sorted(range(len(items)), key=lambda i: -cost[i]):
+            if not batches or used + cost[i] > self.max_batch_tokens or len(batches[-1]) == batch_size:
+                batches.append([])
+                used = 0
+            batches[-1].append(i)
+            used += cost[i]
+        return batches
+
+    def _auto_merge(self, tasks: list[str], tokens: int) -> None:
+        """Fold a lone task's LoRA into the weights for a large call, when a merged copy of the adapted
+        weights fits in free memory; it stays merged for later calls of that task."""
+        task = tasks[0] if len(set(tasks)) == 1 else None
+        if not self.auto_merge or task is None or task == self._merged or tokens < 2048:
+            return
+        need = sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
+                   if isinstance(m, LoRALinear) and m.lora_A)
+        if free_memory(self.device) > 2 * need:
+            self.merge(task)
+
     @torch.inference_mode()
     def _run(self, items: list[Item], tasks: list[str], multivector: bool, truncate_dim: int | None,
-             batch_size: int) -> list[torch.Tensor]:
-        if not (isinstance(batch_size, int) and batch_size > 0):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))  # longest first: less padding
+             batch_size: int | None) -> list[torch.Tensor]:
+        batches = self._batches(items, batch_size)
+        self._auto_merge(tasks, sum(len(it.input_ids) for it in items))
         out: list[Any] = [None] * len(items)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in batches:
             batch = self.processor.collate([items[i] for i in idx])
             task = task_rows([tasks[i] for i in idx], batch.cu_seqlens, self.device)
             h = self.forward(batch, task)
@@ -210,12 +250,13 @@ class JinaV4(nn.Module):
 
     def encode_text(
         self, texts: str | Sequence[str], task: str | Sequence[str] | None = None, prompt_name: str | None = None,
-        max_length: int = 32768, batch_size: int = 8, return_multivector: bool = False, return_numpy: bool = False,
-        truncate_dim: int | None = None,
+        max_length: int = 32768, batch_size: int | None = None, return_multivector: bool = False,
+        return_numpy: bool = False, truncate_dim: int | None = None,
     ) -> Output:
         """Texts -> single vectors (N, D) float32 on the CPU, or multi-vectors: a list of (L_i, P) tensors.
         A str gives one result. prompt_name: 'query' (default) or 'passage'; text-matching always uses 'query'.
-        `task` may also be a list, one task per text."""
+        `task` may also be a list, one task per text. Batches hold up to `model.max_batch_tokens` tokens of
+        length-sorted inputs and, when `batch_size` is given, at most that many items."""
         one = isinstance(texts, str)
         texts = [texts] if one else list(texts)
         for i, t in enumerate(texts):
@@ -229,7 +270,7 @@ class JinaV4(nn.Module):
 
     def encode_image(
         self, images: ImageInput | Sequence[ImageInput], task: str | Sequence[str] | None = None,
-        batch_size: int = 8, return_multivector: bool = False, return_numpy: bool = False,
+        batch_size: int | None = None, return_multivector: bool = False, return_numpy: bool = False,
         truncate_dim: int | None = None, max_pixels: int | None = None,
     ) -> Output:
         """Images (PIL images, paths, bytes or http(s) URLs) -> as encode_text. max_pixels overrides the
@@ -243,7 +284,7 @@ class JinaV4(nn.Module):
 
     def encode(
         self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None = None,
-        prompt_name: str | None = None, max_length: int = 32768, batch_size: int = 8,
+        prompt_name: str | None = None, max_length: int = 32768, batch_size: int | None = None,
         return_multivector: bool = False, return_numpy: bool = False, truncate_dim: int | None = None,
         max_pixels: int | None = None,
     ) -> Output:

@@ -65,8 +65,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False, linear=LoRALinear)
 
     def forward(self, x, cos, sin, cu_seqlens: list[int], task: Task) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, task)
-        return x + self.mlp(self.post_attention_layernorm(x), task=task)
+        # Residual adds land in the sublayer's fresh output (a + x == x + a exactly); x itself is never written.
+        x = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, task).add_(x)
+        return self.mlp(self.post_attention_layernorm(x), task=task).add_(x)
 
 
 class TextModel(nn.Module):

@@ -58,8 +58,8 @@ class VisionBlock(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, x, cos, sin, cu_seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+        x = self.attn(self.norm1(x), cos, sin, cu_seqlens).add_(x)  # into the fresh sublayer output, as text.py
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 class PatchMerger(nn.Module):

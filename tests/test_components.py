@@ -87,13 +87,16 @@ def test_lora_layer():
         for t in ("t1", "t2"):
             peft_model.set_adapter(t)
             expected = peft_model(x)
-            assert (ours(x, t) - expected).abs().max() <= 1e-6
+            # a few fp32 ulps: the low-rank term accumulates inside the GEMM (addmm) instead of a separate add
+            assert (ours(x, t) - expected).abs().max() <= 1e-6 * expected.abs().max()
             ours.merge(t)
             assert (ours(x, t) - expected).abs().max() <= 1e-5
             ours.merge(None)
         rows = [("t1", torch.tensor([0, 2, 4, 6, 8])), ("t2", torch.tensor([1, 3, 5, 7, 9]))]
         mixed = ours(x, rows)
-        assert torch.equal(mixed[::2], ours(x, "t1")[::2]) and torch.equal(mixed[1::2], ours(x, "t2")[1::2])
+        # the mixed path sums the low-rank term separately, the single-task one inside the GEMM: rounding only
+        assert (mixed[::2] - ours(x, "t1")[::2]).abs().max() <= 1e-6
+        assert (mixed[1::2] - ours(x, "t2")[1::2]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="pass task="):
         ours(x)
 

@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize 
 from jina_v4.config import PreprocessorConfig
 from jina_v4.positions import rope_index, window_index
 from jina_v4.processing import image_patches, load_image, smart_resize
-from tiny import RELEASED
+from synthetic import RELEASED
 
 TOL = 1e-5
 TASKS = ["retrieval", "text-matching", "code"]

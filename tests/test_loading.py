@@ -12,7 +12,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from jina_v4 import AdapterConfig, CheckpointError, ConfigError, JinaV4, JinaV4Config
 from jina_v4.loading import adapter_key
-from tiny import RELEASED
+from synthetic import RELEASED
 
 TASKS = ["retrieval", "text-matching", "code"]
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from jina_v4.processing import Item
+
 TOL = 1e-5
 TEXTS = [
     "hello",
@@ -143,3 +145,37 @@ def test_last_hidden_states_matches_reference(name, models, references):
         n = theirs.shape[0]
         assert (ours[i, :n] - theirs).abs().max() <= 1e-4 * theirs.abs().max()
         assert not ours[i, n:].any()  # padding rows are zero
+
+
+def test_token_budget_batches(models):
+    """Batches: longest first, within max_batch_tokens and batch_size; results in input order either way."""
+    model = models("gqa4-single")
+    items = [Item(list(range(n))) for n in (5, 40, 17, 40, 3, 90)]
+    model.max_batch_tokens = 80
+    try:
+        assert model._batches(items, None) == [[5], [1, 3], [2, 0, 4]]
+        assert model._batches(items, 2) == [[5], [1, 3], [2, 0], [4]]
+        budget = model.encode_text(TEXTS, task="code")
+    finally:
+        model.max_batch_tokens = 16384
+    assert (budget - model.encode_text(TEXTS, task="code", batch_size=1)).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
+        model.encode_text(TEXTS, task="code", batch_size=0)
+
+
+def test_auto_merge_for_large_single_task_calls(checkpoints):
+    from jina_v4 import JinaV4
+
+    model = JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu")
+    long = ["word " * 600]  # well over the 2048 tokens that make merging worth its one-off cost
+    model.auto_merge = False
+    plain = model.encode_text(long + TEXTS, task="code")
+    assert model._merged is None
+    model.auto_merge = True
+    assert model.encode_text(TEXTS[:2], task="code").shape[0] == 2 and model._merged is None  # small call
+    merged = model.encode_text(long + TEXTS, task="code")
+    assert model._merged == "code" and (merged - plain).abs().max() <= 1e-5
+    mixed = model.encode_text(long + TEXTS, task=["retrieval"] + ["code"] * len(TEXTS))  # unmerged path
+    assert model._merged == "code" and (mixed[1:] - plain[1:]).abs().max() <= 1e-5
+    model.merge(None)
+    assert all(m.merged_weight is None for m in model.modules() if hasattr(m, "merged_weight"))

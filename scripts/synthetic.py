@@ -1,5 +1,6 @@
-"""Tiny random checkpoints in exactly the released layout, written from the reference's own modules
-(transformers Qwen2.5-VL + peft), so that the files do not depend on jina_v4.
+"""Random checkpoints in exactly the released layout, written from the reference's own modules
+(transformers Qwen2.5-VL + peft), so that the files do not depend on jina_v4: tiny ones for the tests, and
+real-width ones of reduced depth for scripts/bench.py.
 
 Layout: config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
 model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-RELEASED = Path(__file__).resolve().parent / "released"  # verbatim copies of the released config files
+RELEASED = Path(__file__).resolve().parents[1] / "tests" / "released"  # verbatim copies of the released configs
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -57,6 +58,16 @@ class Tiny:
     vision_hidden: int = 32
     vision_heads: int = 2
     fullatt: tuple = (1, 3)
+    vision_intermediate: int = 0  # 0: 1.5 x vision_hidden
+    vocab: int = 0  # 0: a trained 400-token BPE; else a byte-level vocabulary of this size with Qwen's token ids
+
+
+def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") -> Tiny:
+    """The released widths (vocabulary included) with fewer decoder layers and vision blocks."""
+    return Tiny(f"real-width-{layers}x{vision_depth}", hidden=2048, heads=16, kv_heads=2, layers=layers,
+                intermediate=11008, mrope=(16, 24, 24), proj_dim=128, r=32, alpha=32, shards=2, dtype=dtype,
+                vision_depth=vision_depth, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
+                fullatt=(vision_depth - 1,), vocab=151936)
 
 
 CONFIGS = [
@@ -68,8 +79,16 @@ CONFIGS = [
 ]
 
 
-def build_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
+def build_tokenizer(vocab: int = 0) -> Tokenizer:
+    """vocab 0: BPE trained on a small multilingual corpus. Otherwise one token per byte (no merges), padded with
+    unused tokens so that the special tokens get the real model's ids (<|endoftext|> = 151643, ...)."""
+    if vocab:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        ids = {c: i for i, c in enumerate(alphabet)}
+        ids.update({f"<|unused_{i}|>": i for i in range(len(ids), 151643)})
+        tok = Tokenizer(models.BPE(vocab=ids, merges=[]))
+    else:
+        tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
@@ -79,9 +98,10 @@ def build_tokenizer() -> Tokenizer:
     from tokenizers import processors
 
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
+    if not vocab:
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(CORPUS * 3, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL])
     return tok
@@ -104,13 +124,15 @@ def model_config(t: Tiny, tok: Tokenizer) -> dict:
                                               ("vision_end_token_id", "<|vision_end|>"),
                                               ("vision_token_id", "<|vision_pad|>")]}
     text = dict(hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
-                num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, vocab_size=512,
+                num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, vocab_size=t.vocab or 512,
                 rope_scaling={"mrope_section": list(t.mrope), "rope_type": "default", "type": "default"},
                 torch_dtype=t.dtype)
-    cfg.update(text, **ids, multi_vector_projector_dim=t.proj_dim, matryoshka_dims=[8, 16, 32, t.hidden])
+    dims = cfg["matryoshka_dims"] if t.hidden == 2048 else [8, 16, 32, t.hidden]
+    cfg.update(text, **ids, multi_vector_projector_dim=t.proj_dim, matryoshka_dims=dims)
     cfg["text_config"].update(text, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     cfg["vision_config"].update(depth=t.vision_depth, hidden_size=t.vision_hidden, num_heads=t.vision_heads,
-                                intermediate_size=t.vision_hidden * 3 // 2, out_hidden_size=t.hidden,
+                                intermediate_size=t.vision_intermediate or t.vision_hidden * 3 // 2,
+                                out_hidden_size=t.hidden,
                                 fullatt_block_indexes=list(t.fullatt), torch_dtype=t.dtype)
     return cfg
 
@@ -135,7 +157,7 @@ def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0) -> Path:
     from reference import RefModel, add_task_adapters, released_state_dict
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(t.vocab)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
     (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())

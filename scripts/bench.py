@@ -1,0 +1,376 @@
+"""Speed and memory of jina_v4 against the reference, back to back on the same machine and the same inputs.
+
+A checkpoint of the real width (hidden 2048, MLP 11008, 16/2 heads, vision 1280/3420 with 16 heads, the real
+vocabulary) and reduced depth is written once with random weights (scripts/synthetic.py). Then, medians of
+--runs runs each:
+
+  a) text: texts of a log-uniform length mix, tokens per second
+  b) images: images of different sizes up to --max-megapixels, images per second
+  c) peak memory of each (RSS above the loaded model on CPU; max allocated on GPU)
+  d) jina_v4's achieved FLOP/s over the bare matmul FLOP/s of the same Linear shapes (the limit)
+  e) load time and peak RSS of a full-size bf16 checkpoint (written once) against reading its files
+
+The reference is transformers Qwen2.5-VL + peft (scripts/reference.py) run as the released encode_* runs it:
+batches of 8 in input order, padded, half precision under autocast; "as released" also computes the tied LM
+head's logits for every token and keeps every layer's hidden states, "no LM head" does neither.
+
+    python scripts/bench.py --dtype float32 bfloat16 --texts 64 --images 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import real_width, write_checkpoint  # noqa: E402
+
+from jina_v4 import JinaV4  # noqa: E402
+from jina_v4.processing import image_patches, load_image  # noqa: E402
+
+TASK = "retrieval"
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+
+
+def texts_of(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """n texts whose token counts (one token per byte in the synthetic vocabulary, plus 7 for "Query: ") are
+    log-uniform in [lo, hi]: many short queries, some long documents."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.uniform(math.log(lo), math.log(hi), n)).astype(int)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
+    return [bytes(rng.choice(letters, max(1, n_tok - 7))).decode() for n_tok in lengths]
+
+
+def images_of(n: int, max_mp: float, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        mp, aspect = rng.uniform(0.05, max_mp), rng.uniform(0.5, 2.0)
+        h, w = int((mp * 1e6 / aspect) ** 0.5), int((mp * 1e6 * aspect) ** 0.5)
+        out.append(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+    return out
+
+
+# ---- measurement helpers ------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device) -> int:
+    """Start a peak-memory window; returns the current level (bytes)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    return status("VmRSS")
+
+
+def peak(device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else status("VmHWM")
+
+
+def status(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def measure(fn, runs: int, device) -> tuple[float, int]:
+    """Median seconds of `runs` calls after a warm-up, and the peak memory above the level before them."""
+    fn()
+    base = reset_peak(device)
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), peak(device) - base
+
+
+# ---- the reference, as the released encode_* runs it ---------------------------------------------------
+
+
+def reference_texts(ref, texts, lm_head: bool, batch_size: int = 8):
+    embed = ref.ref.model.language_model.embed_tokens.weight
+    out = []
+    for i in range(0, len(texts), batch_size):
+        b = ref.text_batch(texts[i:i + batch_size], TASK)
+        states = ref.hidden(b["input_ids"], b["attention_mask"], TASK, output_hidden_states=lm_head)
+        h = states[-1] if lm_head else states
+        if lm_head:
+            with ref.autocast():
+                F.linear(h, embed)  # the tied LM head's logits over the whole vocabulary, for every token
+        out.append(ref.pool(h, b["input_ids"], b["attention_mask"], TASK))
+    return torch.cat(out)
+
+
+def reference_images(ref, patches, lm_head: bool, batch_size: int):
+    embed = ref.ref.model.language_model.embed_tokens.weight
+    pad = ref.tokenizer.pad_token_id
+    out = []
+    for i in range(0, len(patches), batch_size):
+        chunk = patches[i:i + batch_size]
+        rows = [ref.image_batch(g)["input_ids"][0] for _, g in chunk]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), pad)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)], mask[j, :len(r)] = r, 1
+        pixels = torch.cat([p for p, _ in chunk])
+        grids = torch.tensor([g for _, g in chunk])
+        states = ref.hidden(ids, mask, TASK, pixels, grids, output_hidden_states=lm_head)
+        h = states[-1] if lm_head else states
+        if lm_head:
+            with ref.autocast():
+                F.linear(h, embed)
+        out.append(ref.pool(h, ids, mask, TASK))
+    return torch.cat(out)
+
+
+# ---- d) achieved FLOP/s against bare matmuls -----------------------------------------------------------
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every decoder Linear that a token passes through."""
+    return [(m.in_features, m.out_features) for layer in model.model.layers for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def flop_ratio(model, lengths: list[int], runs: int, device) -> tuple[float, float, float]:
+    """Achieved FLOP/s of the decoder forward on one packed batch, the bare-matmul FLOP/s of its Linear shapes,
+    and their ratio. FLOPs: 2·in·out per token per Linear, plus causal attention 2·2·H·d·L(L+1)/2."""
+    from jina_v4.processing import Item
+
+    cfg = model.config.text_config
+    rng = np.random.default_rng(0)
+    items = [Item(rng.integers(0, 1000, n).tolist()) for n in lengths]
+    batch = model.processor.collate(items)
+    T = sum(lengths)
+    shapes = linear_shapes(model)
+    flops = sum(2 * T * i * o for i, o in shapes)
+    flops += cfg.num_hidden_layers * sum(2 * 2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1) / 2
+                                         for n in lengths)
+    with torch.inference_mode():
+        model.merge(TASK)  # one task: the LoRA folded into the weights, as encode_* does for large calls
+        try:
+            t_fwd, _ = measure(lambda: model.forward(batch, TASK), runs, device)
+        finally:
+            model.merge(None)
+        ws = {(i, o): torch.randn(o, i, dtype=model.dtype, device=device) for i, o in set(shapes)}
+        xs = {i: torch.randn(T, i, dtype=model.dtype, device=device) for i, _ in set(shapes)}
+
+        def bare():
+            for i, o in shapes:
+                F.linear(xs[i], ws[i, o])
+
+        t_mm, _ = measure(bare, runs, device)
+    mm_flops = sum(2 * T * i * o for i, o in shapes)
+    return flops / t_fwd, mm_flops / t_mm, (flops / t_fwd) / (mm_flops / t_mm)
+
+
+# ---- e) loading a full-size checkpoint ------------------------------------------------------------------
+
+LOAD_SCRIPT = r"""
+import json, os, sys, time, torch
+from pathlib import Path
+from jina_v4 import JinaV4
+path = Path(sys.argv[1])
+files = sorted(path.glob("*.safetensors")) + sorted(path.glob("adapters/*.safetensors"))
+size = sum(f.stat().st_size for f in files)
+def drop_cache():
+    for f in files:
+        fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+def read_files():
+    buf = bytearray(64 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+out = {"bytes": size}
+for cache in ("cold", "warm"):
+    if cache == "cold":
+        drop_cache()
+    t = time.perf_counter(); read_files(); out[f"read_{cache}"] = time.perf_counter() - t
+base = int(open("/proc/self/statm").read().split()[1]) * 4096
+for cache in ("cold", "warm"):
+    if cache == "cold":
+        drop_cache()
+    open("/proc/self/clear_refs", "w").write("5")
+    t = time.perf_counter()
+    model = JinaV4.from_pretrained(path, device="cpu", dtype="bfloat16")
+    out[f"load_{cache}"] = time.perf_counter() - t
+    for p in model.state_dict().values():  # touch every page: the weights are really in memory
+        p.view(-1)[:: 2048].float().sum()
+    out[f"load_touch_{cache}"] = time.perf_counter() - t
+    out[f"peak_{cache}"] = hwm() - base
+    del model
+print(json.dumps(out))
+"""
+
+
+def write_full_size(path: Path) -> Path:
+    """The released layout at full size with random bf16 weights, written tensor by tensor."""
+    from safetensors.torch import save_file
+
+    from jina_v4.config import AdapterConfig, JinaV4Config
+    from synthetic import RELEASED, build_tokenizer, tokenizer_config
+
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    (path / "adapters").mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((RELEASED / "config.json").read_text())
+    acfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
+    with torch.device("meta"):
+        model = JinaV4(JinaV4Config.from_dict(cfg), AdapterConfig.from_dict(acfg))
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+
+    def rand(shape):
+        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    base = [k for k in state if ".lora_" not in k]
+    shards, weight_map = [base[: len(base) // 2], base[len(base) // 2:]], {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: rand(state[k].shape) for k in keys}, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    lora = {}
+    for k in state:
+        if ".lora_" in k:
+            module, ab, task = k.rsplit(".", 2)
+            module = module.replace("model.", "model.language_model.", 1) if module.startswith("model.") else module
+            lora[f"base_model.model.{module}.{ab}.{task}.weight"] = rand(state[k].shape)
+    save_file(lora, path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "adapters" / "adapter_config.json").write_text(json.dumps(acfg))
+    (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())
+    tok = build_tokenizer(151936)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok)))
+    return path
+
+
+# ---- the whole run --------------------------------------------------------------------------------------
+
+
+def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
+    from reference import Reference
+
+    tdtype = getattr(torch, dtype)
+    texts = texts_of(args.texts, args.min_tokens, args.max_tokens)
+    images = images_of(args.images, args.max_megapixels)
+    n_tokens = sum(len(t.encode()) + 7 for t in texts)
+    rows = []
+
+    model = JinaV4.from_pretrained(ckpt, device=device, dtype=tdtype)
+    t_ours, m_ours = measure(lambda: model.encode_text(texts, task=TASK), args.runs, device)
+    ti_ours, mi_ours = measure(lambda: model.encode_image(images, task=TASK), args.runs, device)
+    achieved, bare, ratio = flop_ratio(model, [args.flop_tokens // 8] * 8, args.runs, device)
+    ours_vec = model.encode_text(texts[:8], task=TASK)
+    del model
+    gc.collect()
+
+    ref = Reference(ckpt, tdtype, str(device))
+    patches = [image_patches(load_image(img), ref_image_cfg(ckpt)) for img in images]
+    t_rel, m_rel = measure(lambda: reference_texts(ref, texts, True), args.runs, device)
+    t_nolm, m_nolm = measure(lambda: reference_texts(ref, texts, False), args.runs, device)
+    ti_rel, mi_rel = measure(lambda: reference_images(ref, patches, True, args.ref_image_batch), args.runs, device)
+    cos = F.cosine_similarity(ours_vec, reference_texts(ref, texts[:8], False), dim=-1).min().item()
+    del ref
+    gc.collect()
+
+    mib = 2**20
+    rows.append((f"{dtype}: text tokens/s", n_tokens / t_ours, n_tokens / t_rel, n_tokens / t_nolm, ">= 1.5x, >= 1.2x"))
+    rows.append((f"{dtype}: images/s", len(images) / ti_ours, len(images) / ti_rel, None, ">= 2x"))
+    rows.append((f"{dtype}: text peak MiB", m_ours / mib, m_rel / mib, m_nolm / mib, "lower"))
+    rows.append((f"{dtype}: image peak MiB", mi_ours / mib, mi_rel / mib, None, "lower"))
+    rows.append((f"{dtype}: FLOP/s / matmul FLOP/s", ratio, None, None, ">= 0.70"))
+    print(f"[{dtype}] {len(texts)} texts, {n_tokens} tokens; {len(images)} images; achieved "
+          f"{achieved / 1e9:.1f} GFLOP/s vs bare matmul {bare / 1e9:.1f} GFLOP/s on {args.flop_tokens} tokens; "
+          f"min cosine to the reference on 8 texts {cos:.6f}", flush=True)
+    return rows
+
+
+def ref_image_cfg(ckpt: Path):
+    from jina_v4.config import PreprocessorConfig, read_json
+
+    return PreprocessorConfig.from_dict(read_json(ckpt / "preprocessor_config.json"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (the release has 36)")
+    ap.add_argument("--vision-layers", type=int, default=4, help="vision blocks, the last full-attention (32)")
+    ap.add_argument("--texts", type=int, default=256)
+    ap.add_argument("--min-tokens", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--max-megapixels", type=float, default=1.0)
+    ap.add_argument("--ref-image-batch", type=int, default=1,
+                    help="the reference's image batch (the released 8 builds a dense mask over all patches)")
+    ap.add_argument("--flop-tokens", type=int, default=4096, help="tokens in the FLOP-ratio batch (8 texts)")
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/jina_v4_bench", help="where the synthetic checkpoints are kept")
+    ap.add_argument("--skip-load", action="store_true", help="skip e) and its 7.5 GB full-size checkpoint")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    root = Path(args.dir)
+    spec = real_width(args.layers, args.vision_layers)
+    ckpt = root / spec.name
+    if not (ckpt / "config.json").exists():
+        write_checkpoint(ckpt, spec, seed=0)
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; checkpoint {ckpt}")
+    rows = []
+    for dtype in args.dtype:
+        rows += bench_dtype(args, ckpt, dtype, device)
+    print(f"\n{'measure':<34} {'jina_v4':>10} {'ref':>10} {'ratio':>7} {'ref noLM':>10} {'ratio':>7}  target")
+    for name, ours, rel, nolm, target in rows:
+        lower_better = "peak" in name
+
+        def r(x):
+            return "" if x is None else f"{(x / ours if lower_better else ours / x):.2f}"
+
+        fmt = (lambda x: "" if x is None else f"{x:.3g}" if x < 100 else f"{x:,.0f}")
+        print(f"{name:<34} {fmt(ours):>10} {fmt(rel):>10} {r(rel):>7} {fmt(nolm):>10} {r(nolm):>7}  {target}")
+    if not args.skip_load and device.type == "cpu":
+        full = write_full_size(root / "full-size-bf16")
+        out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(full)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        r = json.loads(out.stdout)
+        gib = 2**30
+        print(f"\nfull-size bf16 checkpoint: {r['bytes'] / gib:.2f} GiB in its files")
+        for cache in ("cold", "warm"):
+            print(f"  {cache} cache: read files {r[f'read_{cache}']:.2f} s; from_pretrained {r[f'load_{cache}']:.2f} s, "
+                  f"+ every page touched {r[f'load_touch_{cache}']:.2f} s "
+                  f"({r[f'load_touch_{cache}'] / r[f'read_{cache}']:.2f}x reading; target <= 1.5x); "
+                  f"peak RSS {r[f'peak_{cache}'] / gib:.2f} GiB "
+                  f"({r[f'peak_{cache}'] / r['bytes']:.2f}x the weights; target <= 1.1x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ from .config import AdapterConfig, ConfigError, JinaV4Config, PreprocessorConfig
 from .late import maxsim, pad_multivectors
 from .loading import CheckpointError
 from .model import JinaV4
+from .processing import InputError
 
 __all__ = ["JinaV4", "maxsim", "pad_multivectors", "JinaV4Config", "AdapterConfig", "PreprocessorConfig",
-           "TokenizerConfig", "ConfigError", "CheckpointError"]
+           "TokenizerConfig", "ConfigError", "CheckpointError", "InputError"]

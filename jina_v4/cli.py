@@ -74,69 +74,33 @@ def expand_images(specs: list[str]) -> list[str]:
     return out
 
 
-def embed_all(model, inputs: list[dict], args, desc: str):
-    """Encode inputs chunk by chunk with a progress bar; returns the results in order."""
-    from tqdm import tqdm
-
-    results, step = [], 256
-    quiet = args.quiet or not sys.stderr.isatty()
-    with tqdm(total=len(inputs), desc=desc, unit="item", disable=quiet, file=sys.stderr) as bar:
-        for i in range(0, len(inputs), step):
-            chunk = inputs[i:i + step]
-            out = model.encode(chunk, prompt_name=args.prompt_name, batch_size=args.batch_size,
-                               return_multivector=args.multivector, truncate_dim=args.truncate_dim,
-                               max_pixels=args.max_pixels)
-            results += list(out)
-            bar.update(len(chunk))
-    return results
-
-
-def write(path: str | None, labels: list[str], vectors: list, multivector: bool, meta: dict) -> None:
-    import torch
-
-    if path is None or path.endswith(".jsonl"):
-        lines = (json.dumps({"input": lab, "embedding": v.tolist()}, ensure_ascii=False) + "\n"
-                 for lab, v in zip(labels, vectors))
-        if path is None:
-            sys.stdout.writelines(lines)
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(lines)
-        return
-    if multivector:
-        from .late import pad_multivectors
-
-        padded, mask = pad_multivectors(vectors)
-        tensors = {"embeddings": padded, "mask": mask}
-    else:
-        tensors = {"embeddings": torch.stack(vectors)}
-    if path.endswith(".npy"):
-        np.save(path, tensors["embeddings"].numpy())  # multi-vectors: zero rows pad each item to the longest
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(tensors, path, metadata={"inputs": json.dumps(labels, ensure_ascii=False), **meta})
-    else:
-        raise CLIError(f"{path}: the output must end in .npy, .safetensors or .jsonl")
-
-
 def embed(args) -> None:
-    if args.output and not args.output.endswith((".npy", ".safetensors", ".jsonl")):
-        raise CLIError(f"{args.output}: the output must end in .npy, .safetensors or .jsonl")
+    from .jobs import SUFFIXES, Job, run_to_file, run_to_shards
+
+    out = args.output
+    sharded = out is not None and (out.endswith("/") or Path(out).is_dir() or not Path(out).suffix)
+    if out and not sharded and not out.endswith(SUFFIXES):
+        raise CLIError(f"{out}: the output must end in .npy, .safetensors or .jsonl, or name a directory")
     texts = read_texts(args.texts, args.input, args.text_field, stdin=not args.image)
     images = expand_images(args.image)
     if not texts and not images:
         raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
     model = load_model(args)
     start, tokens = time.perf_counter(), model.tokens_processed
-    inputs = [{"text": t} for t in texts] + [{"image": p} for p in images]
-    vectors = embed_all(model, inputs, args, "embedding")
-    meta = {"model": str(args.model), "task": args.task, "prompt_name": args.prompt_name,
-            "multivector": str(args.multivector)}
-    write(args.output, texts + images, vectors, args.multivector, meta)
+    settings = {"model": str(args.model), "task": args.task, "dtype": str(model.dtype).replace("torch.", ""),
+                "prompt_name": args.prompt_name, "multivector": args.multivector, "truncate_dim": args.truncate_dim,
+                "max_pixels": args.max_pixels}
+    job = Job(model, [{"text": t} for t in texts] + [{"image": p} for p in images], texts + images, settings,
+              args.batch_size, args.on_error, args.quiet)
+    if sharded:
+        done_now, done_before = run_to_shards(job, Path(out), "." + args.format, args.shard_size, args.report)
+        resumed = f"; {done_before} were done by an earlier run" if done_before else ""
+    else:
+        done_now, resumed = run_to_file(job, out, args.report), ""
     if not args.quiet:
-        print(f"embedded {len(inputs)} items ({model.tokens_processed - tokens} tokens) in "
-              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        skipped = f"; {len(job.skipped)} skipped (see the report)" if job.skipped else ""
+        print(f"embedded {done_now} items ({model.tokens_processed - tokens} tokens) in "
+              f"{time.perf_counter() - start:.1f} s{resumed}{skipped}", file=sys.stderr)
 
 
 def score(args) -> None:
@@ -270,7 +234,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
     p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
-    p.add_argument("-o", "--output", help="out.npy, out.safetensors or out.jsonl (default: JSON lines on stdout)")
+    p.add_argument("-o", "--output", help="out.npy, out.safetensors or out.jsonl, or a directory for shards that a "
+                                          "rerun resumes (default: JSON lines on stdout)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "jsonl", "npy"],
+                   help="the shards' format, when --output is a directory")
+    p.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="a bad input stops the run (fail), or is left out and reported (skip)")
+    p.add_argument("--report", help="where skipped inputs are listed (default: beside the output)")
     model_options(p)
     p.set_defaults(run=embed)
 
@@ -305,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except KeyboardInterrupt:
-        print("jina-v4: interrupted", file=sys.stderr)
+        print("jina-v4: interrupted (a run into a directory keeps its whole shards; rerun it to resume)",
+              file=sys.stderr)
         return 130
     except Exception as e:  # one clear line, never a traceback
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

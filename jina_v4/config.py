@@ -153,6 +153,9 @@ class JinaV4Config:
     @classmethod
     def from_dict(cls, data: dict, file: str = "config.json") -> "JinaV4Config":
         data = dict(data)
+        arch = (data.get("architectures") or ["?"])[0]
+        if "task_names" not in data and arch != "JinaEmbeddingsV4Model":
+            raise ConfigError(f"{file}: a {arch} checkpoint, not jina-embeddings-v4 (key 'task_names' is missing)")
         # transformers reads `text_config` when present; older files keep the text fields at the top level.
         text = data.get("text_config") or data
         prefix = "text_config." if "text_config" in data and data["text_config"] else ""

@@ -86,6 +86,27 @@ def chunk_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return torch.stack([(starts >= a) & (starts < b) for a, b in spans])
 
 
+def chunk_spans(text: str, chunks, offsets: list[tuple[int, int]], max_length: int):
+    """The chunks' character spans ("sentences", an int token budget, or the caller's (start, end) spans) and
+    their (C, L) token membership; every chunk must keep at least one token."""
+    if chunks == "sentences":
+        spans = sentence_spans(text)
+    elif isinstance(chunks, int):
+        spans = token_chunks([o for o in offsets if o[0] >= 0], chunks)
+    else:
+        spans = [tuple(s) for s in chunks]
+        for a, b in spans:
+            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= len(text)):
+                raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
+    if not spans:
+        raise ValueError("the text holds no chunk to embed")
+    mask = chunk_token_mask(offsets, spans)
+    for (a, b), n in zip(spans, mask.sum(1).tolist()):
+        if n == 0:
+            raise ValueError(f"chunk ({a}, {b}) has no tokens left after truncation at max_length={max_length}")
+    return spans, mask
+
+
 def pool_chunks(hidden: torch.Tensor, mask: torch.Tensor, truncate_dim: int | None = None) -> torch.Tensor:
     """(L, D) token states, (C, L) membership -> (C, D) normalised means in fp32 (an empty chunk is NaN)."""
     m = mask.to(hidden.device, torch.float32)

@@ -32,6 +32,18 @@ class CheckpointError(ValueError):
     pass
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not one of {sorted(set(DTYPES))}")
+
+
 def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
             local_files_only: bool = False, token: str | bool | None = None) -> Path:
     """A local directory as is; otherwise a hub repo id, downloaded (only the files jina_v4 reads)."""
@@ -141,4 +153,4 @@ def _names(label: str, names: list[str], most: int = 5) -> str:
     return f"{label}: " + ", ".join(names[:most]) + more
 
 
-__all__ = ["CheckpointError", "ConfigError", "resolve", "load_checkpoint", "FILES"]
+__all__ = ["CheckpointError", "ConfigError", "resolve", "load_checkpoint", "to_dtype", "FILES"]

@@ -109,3 +109,14 @@ def task_rows(tasks: list[str], cu_seqlens: list[int], device: torch.device) -> 
     names = sorted(set(tasks))
     ids = torch.tensor([names.index(t) for t in tasks])[seq]
     return [(t, (ids == i).nonzero().squeeze(1).to(device)) for i, t in enumerate(names)]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on the device (0 when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0

@@ -9,6 +9,7 @@ length, so no padding token is computed; results come back in input order.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -19,35 +20,15 @@ from torch import nn
 
 from .config import AdapterConfig, JinaV4Config, read_json
 from .heads import check_truncate_dim, multi_vectors, single_vectors
-from .late import chunk_token_mask, patch_scores, pool_chunks, sentence_spans, token_chunks
-from .loading import load_checkpoint, resolve
-from .lora import LoRALinear, Task, attach_adapters, task_rows
-from .processing import Batch, ImageInput, Item, Processor, describe, text_prompt
+from .late import chunk_spans, patch_scores, pool_chunks
+from .loading import load_checkpoint, resolve, to_dtype
+from .lora import LoRALinear, Task, attach_adapters, free_memory, task_rows
+from .processing import (MAX_TEXT_TOKENS, PREFIXES, Batch, ImageInput, InputError, Item, Processor, as_list,
+                         checked_text, describe, text_prompt)
 from .text import TextModel
 from .vision import VisionTower
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 Output = Union[torch.Tensor, np.ndarray, list]
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on the device (0 when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return 0
-
-
-def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype={dtype!r} is not one of {sorted(set(DTYPES))}")
 
 
 class JinaV4(nn.Module):
@@ -233,20 +214,12 @@ class JinaV4(nn.Module):
                 out[i] = v
         return out
 
-    def _output(self, vecs: list[torch.Tensor], one: bool, multivector: bool, return_numpy: bool) -> Output:
+    def _output(self, vecs: list[torch.Tensor], multivector: bool, return_numpy: bool) -> Output:
         if multivector:
-            res: Any = [v.numpy() if return_numpy else v for v in vecs]
-        else:
-            dim = vecs[0].shape[-1] if vecs else self.config.text_config.hidden_size
-            res = torch.stack(vecs) if vecs else torch.empty(0, dim)
-            res = res.numpy() if return_numpy else res
-        return res[0] if one else res
-
-    def _common(self, task, n: int, truncate_dim: int | None) -> tuple[list[str], int | None]:
-        tasks = self._tasks(task, n)
-        truncate_dim = truncate_dim or self.config.truncate_dim
-        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
-        return tasks, truncate_dim
+            return [v.numpy() if return_numpy else v for v in vecs]
+        dim = vecs[0].shape[-1] if vecs else self.config.text_config.hidden_size
+        res = torch.stack(vecs) if vecs else torch.empty(0, dim)
+        return res.numpy() if return_numpy else res
 
     def encode_text(
         self, texts: str | Sequence[str], task: str | Sequence[str] | None = None, prompt_name: str | None = None,
@@ -258,15 +231,10 @@ class JinaV4(nn.Module):
         `task` may also be a list, one task per text. Batches hold up to `model.max_batch_tokens` tokens of
         length-sorted inputs and, when `batch_size` is given, at most that many items."""
         one = isinstance(texts, str)
-        texts = [texts] if one else list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: {describe(t)}")
-        tasks, truncate_dim = self._common(task, len(texts), truncate_dim)
-        prompts = [text_prompt(t, k, prompt_name or "query") for t, k in zip(texts, tasks)]
-        items = [Item(ids) for ids in self.processor.tokenize(prompts, max_length)]
-        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
-        return self._output(vecs, one, return_multivector, return_numpy)
+        texts = [texts] if one else as_list(texts, "texts")
+        items = self.prepare([{"text": t} for t in texts], task, prompt_name, max_length, what="texts")
+        out = self.encode_items(items, task, batch_size, return_multivector, return_numpy, truncate_dim)
+        return out[0] if one else out
 
     def encode_image(
         self, images: ImageInput | Sequence[ImageInput], task: str | Sequence[str] | None = None,
@@ -277,10 +245,9 @@ class JinaV4(nn.Module):
         preprocessor's bound for this call."""
         one = not isinstance(images, (list, tuple))
         images = [images] if one else list(images)
-        tasks, truncate_dim = self._common(task, len(images), truncate_dim)
-        items = [self._image_item(i, img, max_pixels) for i, img in enumerate(images)]
-        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
-        return self._output(vecs, one, return_multivector, return_numpy)
+        items = self.prepare([{"image": x} for x in images], task, max_pixels=max_pixels, what="images")
+        out = self.encode_items(items, task, batch_size, return_multivector, return_numpy, truncate_dim)
+        return out[0] if one else out
 
     def encode(
         self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None = None,
@@ -291,29 +258,60 @@ class JinaV4(nn.Module):
         """Text and images in one batch, each pooled by its own rule (the reference pools a whole batch by its
         first row's rule). A str is text; a PIL image, Path or bytes is an image; {"text": s} or
         {"image": path_or_url} say it explicitly."""
-        inputs = list(inputs)
-        tasks, truncate_dim = self._common(task, len(inputs), truncate_dim)
-        texts, items = {}, [None] * len(inputs)
+        items = self.prepare(as_list(inputs, "inputs"), task, prompt_name, max_length, max_pixels)
+        return self.encode_items(items, task, batch_size, return_multivector, return_numpy, truncate_dim)
+
+    def prepare(
+        self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None = None,
+        prompt_name: str | None = None, max_length: int = 32768, max_pixels: int | None = None,
+        what: str = "inputs", errors: str = "raise",
+    ) -> list[Item]:
+        """The input half of `encode`: prompts, token ids and image patches, one `Item` per input. A bad input
+        raises an error naming it (`inputs[3] ('...'): ...`), or with errors="return" stands in the list as
+        its exception. A text over max_length is cut on the right, with a warning."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors={errors!r} is not 'raise' or 'return'")
+        prompt_name = prompt_name or "query"
+        if prompt_name not in PREFIXES:
+            raise ValueError(f"prompt_name={prompt_name!r} is not one of {list(PREFIXES)}")
+        tasks = self._tasks(task, len(inputs))
+        texts: dict[int, str] = {}
+        items: list[Any] = [None] * len(inputs)
         for i, x in enumerate(inputs):
             kind, value = next(iter(x.items())) if isinstance(x, dict) and len(x) == 1 else (None, x)
-            if kind == "text" or (kind is None and isinstance(x, str)):
-                if not isinstance(value, str):
-                    raise TypeError(f"inputs[{i}]: text must be str, got {describe(value)}")
-                texts[i] = text_prompt(value, tasks[i], prompt_name or "query")
-            elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
-                items[i] = self._image_item(i, value, max_pixels, "inputs")
-            else:
-                raise TypeError(f"inputs[{i}] is neither text nor an image: {describe(x)}")
-        for i, ids in zip(texts, self.processor.tokenize(list(texts.values()), max_length) if texts else []):
-            items[i] = Item(ids)
-        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
-        return self._output(vecs, False, return_multivector, return_numpy)
+            try:
+                if kind == "text" or (kind is None and isinstance(x, str)):
+                    texts[i] = text_prompt(checked_text(value, f"{what}[{i}]"), tasks[i], prompt_name)
+                elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
+                    try:
+                        items[i] = self.processor.image_item(value, max_pixels)
+                    except Exception as e:
+                        raise InputError(f"{what}[{i}]", value, f"{type(e).__name__}: {e}") from e
+                else:
+                    raise TypeError(f"{what}[{i}] is neither text nor an image: {describe(x)}")
+            except (TypeError, ValueError) as e:
+                if errors == "raise":
+                    raise
+                items[i] = e
+        for i, enc in zip(texts, self.processor.encode(list(texts.values()), max_length) if texts else []):
+            if enc.overflowing:
+                dropped = sum(len(o.ids) for o in enc.overflowing)
+                text = inputs[i]["text"] if isinstance(inputs[i], dict) else inputs[i]
+                warnings.warn(f"{what}[{i}] ({describe(text)}): {dropped} tokens past max_length="
+                              f"{min(max_length, MAX_TEXT_TOKENS)} were dropped", stacklevel=3)
+            items[i] = Item(enc.ids)
+        return items
 
-    def _image_item(self, i: int, image: ImageInput, max_pixels: int | None, what: str = "images") -> Item:
-        try:
-            return self.processor.image_item(image, max_pixels)
-        except Exception as e:
-            raise ValueError(f"{what}[{i}] ({describe(image)}): {type(e).__name__}: {e}") from e
+    def encode_items(
+        self, items: list[Item], task: str | Sequence[str] | None = None, batch_size: int | None = None,
+        return_multivector: bool = False, return_numpy: bool = False, truncate_dim: int | None = None,
+    ) -> Output:
+        """The model half of `encode`, on items from `prepare` (for pipelines that prepare inputs apart)."""
+        tasks = self._tasks(task, len(items))
+        truncate_dim = truncate_dim or self.config.truncate_dim
+        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
+        vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
+        return self._output(vecs, return_multivector, return_numpy)
 
     @torch.inference_mode()
     def encode_chunks(
@@ -326,28 +324,15 @@ class JinaV4(nn.Module):
         "sentences", an int token budget (consecutive groups of that many tokens), or (start, end) character
         spans. A token belongs to the chunk holding its first character; the prefix tokens belong to none.
         Returns (C, D) vectors and the chunks' character spans."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {describe(text)}")
-        tasks, truncate_dim = self._common(task, 1, truncate_dim)
+        text = checked_text(text, "text")
+        tasks = self._tasks(task, 1)
+        truncate_dim = truncate_dim or self.config.truncate_dim
+        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
         prompt = text_prompt(text, tasks[0], prompt_name)
         shift = len(prompt) - len(text)
         enc = self.processor.encode([prompt], max_length)[0]
         offsets = [(a - shift, b - shift) for a, b in enc.offsets]  # prefix tokens get negative offsets
-        if chunks == "sentences":
-            spans = sentence_spans(text)
-        elif isinstance(chunks, int):
-            spans = token_chunks([o for o in offsets if o[0] >= 0], chunks)
-        else:
-            spans = [tuple(s) for s in chunks]
-            for a, b in spans:
-                if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= len(text)):
-                    raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
-        if not spans:
-            raise ValueError("the text holds no chunk to embed")
-        mask = chunk_token_mask(offsets, spans)
-        for (a, b), n in zip(spans, mask.sum(1).tolist()):
-            if n == 0:
-                raise ValueError(f"chunk ({a}, {b}) has no tokens left after truncation at max_length={max_length}")
+        spans, mask = chunk_spans(text, chunks, offsets, max_length)
         batch = self.processor.collate([Item(enc.ids)])
         h = self.forward(batch, tasks[0])
         self.tokens_processed += h.shape[0]
@@ -360,10 +345,8 @@ class JinaV4(nn.Module):
         """(h, w) over the image's merge units (28x28 px each of the resized image): each unit's
         late-interaction score with the query's multi-vectors (see `late.patch_scores`)."""
         q = self.encode_text(query, task=task, return_multivector=True)
-        item = self._image_item(0, image, max_pixels)
-        tasks = self._tasks(task, 1)
-        batch = self.processor.collate([item])
-        h = self.forward(batch, tasks[0])
-        vecs = multi_vectors(self.multi_vector_projector, h, tasks[0]).cpu()
+        item = self.prepare([{"image": image}], task, max_pixels=max_pixels, what="image")[0]
+        d = self.encode_items([item], task, return_multivector=True)[0]
+        cells = torch.tensor(item.input_ids) == self.config.image_token_id
         merge = self.processor.image_cfg.merge_size
-        return patch_scores(q, vecs[batch.image_mask]).view(item.grid[1] // merge, item.grid[2] // merge)
+        return patch_scores(q, d[cells]).view(item.grid[1] // merge, item.grid[2] // merge)

@@ -197,6 +197,30 @@ class Processor:
         return ids, mask
 
 
+def as_list(xs: Any, what: str) -> list:
+    if isinstance(xs, (str, bytes, dict, Image.Image)) or not hasattr(xs, "__iter__"):
+        raise TypeError(f"{what} must be a list, got {describe(xs)}")
+    return list(xs)
+
+
+class InputError(ValueError):
+    """A bad input, named by its position and a short preview; `reason` is the rest of the message."""
+
+    def __init__(self, where: str, value: Any, reason: str):
+        super().__init__(f"{where} ({describe(value)}): {reason}")
+        self.reason = reason
+
+
+def checked_text(text: Any, where: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{where} is {type(text).__name__}, not str: {describe(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(where, text, f"not valid Unicode: a lone surrogate at character {e.start}") from None
+    return text
+
+
 def describe(x: Any, width: int = 40) -> str:
     """A short preview of an input for error messages."""
     s = repr(x) if not isinstance(x, Image.Image) else f"<PIL image {x.mode} {x.width}x{x.height}>"

@@ -121,7 +121,7 @@ def test_info_and_module_entry(ckpt):
 
 @pytest.mark.parametrize("args, message", [
     (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
-    (["embed", "--image", "IMAGES/notes.txt"], "inputs[0] ("),
+    (["embed", "--image", "IMAGES/notes.txt"], "input 0 ("),
     (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
     (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
     (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),

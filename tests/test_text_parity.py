@@ -58,6 +58,7 @@ def test_tokenization_matches_reference(name, models, references):
     assert model.processor.tokenize(prompts, 32768) == [ref.tokenizer(p)["input_ids"] for p in prompts]
 
 
+@pytest.mark.filterwarnings("ignore:.*tokens past max_length")  # the warning itself: test_robustness.py
 @pytest.mark.parametrize("max_length", [1, 5, 17])
 def test_truncation(models, references, max_length):
     model, ref = models("gqa4-single"), references("gqa4-single")

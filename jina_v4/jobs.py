@@ -1,0 +1,212 @@
+"""Embedding jobs behind `jina-v4 embed`: inputs encoded chunk by chunk with a progress bar, a per-item error
+policy (fail, or skip and report), and the output as one file or as a directory of shards.
+
+Shards are written atomically (a temporary name, then a rename), so an interrupted job (Ctrl-C, kill) leaves
+only whole shards, and rerunning the same command computes just the missing ones. A manifest ties the
+directory to its inputs and settings, so a resume never mixes two different runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .processing import Item
+
+SUFFIXES = (".npy", ".safetensors", ".jsonl")
+
+
+class JobError(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    model: object
+    inputs: list[dict]  # {"text": ...} or {"image": ...}
+    labels: list[str]  # what the outputs and reports call each input
+    settings: dict  # prompt_name, multivector, truncate_dim, max_pixels (and, for the manifest, model and task)
+    batch_size: int | None = None
+    on_error: str = "fail"
+    quiet: bool = False
+    skipped: list[dict] = field(default_factory=list)
+
+    def encode(self, start: int, stop: int) -> tuple[list[int], list[torch.Tensor], list[dict]]:
+        """Inputs start..stop -> (indices embedded, their vectors, skipped records)."""
+        s = self.settings
+        items = self.model.prepare(self.inputs[start:stop], prompt_name=s["prompt_name"],
+                                   max_pixels=s["max_pixels"], errors="return")
+        ok, skipped = [], []
+        for j, it in enumerate(items):
+            if isinstance(it, Item):
+                ok.append(j)
+                continue
+            record = {"index": start + j, "input": self.labels[start + j], "error": getattr(it, "reason", str(it))}
+            if self.on_error == "fail":
+                raise JobError(f"input {record['index']} ({short(record['input'])}): {record['error']}")
+            skipped.append(record)
+        vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
+                                       return_multivector=s["multivector"], truncate_dim=s["truncate_dim"])
+        return [start + j for j in ok], list(vecs), skipped
+
+    def progress(self, done: int = 0):
+        from tqdm import tqdm
+
+        quiet = self.quiet or not sys.stderr.isatty()
+        return tqdm(total=len(self.inputs), initial=done, unit="item", disable=quiet, file=sys.stderr)
+
+
+def short(label: str, width: int = 100) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_vectors(path: Path, index: list[int], labels: list[str], vectors: list, multivector: bool,
+                  meta: dict) -> None:
+    """One output file: .npy (vectors; multi-vectors zero-padded to (N, Lmax, P)), .safetensors (embeddings,
+    mask for multi-vectors, index; inputs and settings as metadata) or .jsonl (index, input, embedding)."""
+    if path.suffix == ".jsonl":
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for i, lab, v in zip(index, labels, vectors):
+                    f.write(json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False))
+                    f.write("\n")
+        return atomic_write(path, write)
+    if multivector and vectors:
+        from .late import pad_multivectors
+
+        padded, mask = pad_multivectors(vectors)
+        tensors = {"embeddings": padded, "mask": mask}
+    else:
+        tensors = {"embeddings": torch.stack(vectors) if vectors else torch.empty(0, 0)}
+    tensors["index"] = torch.tensor(index, dtype=torch.int64)
+    if path.suffix == ".npy":
+        return atomic_write(path, lambda tmp: save_npy(tmp, tensors["embeddings"].numpy()))
+    from safetensors.torch import save_file
+
+    metadata = {"inputs": json.dumps(labels, ensure_ascii=False), **{k: str(v) for k, v in meta.items()}}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a ".tmp" name
+        np.save(f, array)
+
+
+def write_report(path: Path, records: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, write)
+
+
+def run_to_file(job: Job, output: str | None, report: str | None) -> int:
+    """The whole job into one file (or JSON lines on stdout). Returns the number of items embedded."""
+    index, vectors, skipped = [], [], []
+    with job.progress() as bar:
+        for start in range(0, len(job.inputs), 256):
+            stop = min(start + 256, len(job.inputs))
+            i, v, s = job.encode(start, stop)
+            index, vectors, skipped = index + i, vectors + v, skipped + s
+            bar.update(stop - start)
+    labels = [job.labels[i] for i in index]
+    if output is None:
+        for i, lab, v in zip(index, labels, vectors):
+            sys.stdout.write(json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False))
+            sys.stdout.write("\n")
+    else:
+        write_vectors(Path(output), index, labels, vectors, job.settings["multivector"], job.settings)
+    job.skipped = skipped
+    if skipped:
+        if report or output:
+            write_report(Path(report or output + ".skipped.jsonl"), skipped)
+        else:
+            for r in skipped:
+                print(f"skipped input {r['index']} ({short(r['input'])}): {r['error']}", file=sys.stderr)
+    return len(index)
+
+
+def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, report: str | None) -> tuple[int, int]:
+    """The job into directory/shard-00000<suffix>, ... of `shard_size` inputs each, resuming a previous run.
+    Returns (items embedded now, items already done)."""
+    if suffix not in SUFFIXES:
+        raise JobError(f"--format must be one of {[s[1:] for s in SUFFIXES]}")
+    if shard_size < 1:
+        raise JobError(f"--shard-size must be positive, got {shard_size}")
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {"inputs": len(job.labels),
+                "fingerprint": hashlib.sha256(json.dumps(job.labels, ensure_ascii=False).encode()).hexdigest(),
+                "settings": {k: job.settings[k] for k in sorted(job.settings)}, "shard_size": shard_size,
+                "suffix": suffix}
+    mpath = directory / "manifest.json"
+    if mpath.exists():
+        if json.loads(mpath.read_text()) != manifest:
+            raise JobError(f"{directory} holds a run with other inputs or settings; resume it with the same "
+                           "command, or write to a new directory")
+    else:
+        if any(directory.glob("shard-*")):
+            raise JobError(f"{directory} holds shards but no manifest.json; use a new directory")
+        atomic_write(mpath, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    for stale in directory.glob("*.tmp"):  # pieces of a shard that was being written when the job stopped
+        stale.unlink()
+    n = math.ceil(len(job.inputs) / shard_size)
+    shard = [directory / f"shard-{k:05d}{suffix}" for k in range(n)]
+    todo = [k for k in range(n) if not shard[k].exists()]
+    done = sum(min(shard_size, len(job.inputs) - k * shard_size) for k in range(n) if k not in todo)
+    with job.progress(done) as bar:
+        for k in todo:
+            start, stop = k * shard_size, min((k + 1) * shard_size, len(job.inputs))
+            index, vectors, skipped = job.encode(start, stop)
+            skip_file = shard[k].with_name(shard[k].stem + ".skipped.jsonl")
+            if skipped:  # the side file first: a shard that exists always has its report
+                write_report(skip_file, skipped)
+            if suffix == ".npy":
+                atomic_write(shard[k].with_name(shard[k].stem + ".index.npy"),
+                             lambda tmp: save_npy(tmp, np.array(index, dtype=np.int64)))
+            write_vectors(shard[k], index, [job.labels[i] for i in index], vectors,
+                          job.settings["multivector"], job.settings)
+            bar.update(stop - start)
+    records = []
+    for k in range(n):
+        skip_file = shard[k].with_name(shard[k].stem + ".skipped.jsonl")
+        if skip_file.exists():
+            records += [json.loads(line) for line in skip_file.read_text(encoding="utf-8").splitlines()]
+    job.skipped = records
+    if records:
+        write_report(Path(report) if report else directory / "skipped.jsonl", records)
+    return len(job.inputs) - done, done
+
+
+def read_shards(directory: Path) -> tuple[list[int], list]:
+    """All shards of a directory, in order: (input indices, vectors). For tests and downstream tools."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    index, vectors = [], []
+    for path in sorted(directory.glob(f"shard-?????{manifest['suffix']}")):
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            index += [r["index"] for r in rows]
+            vectors += [torch.tensor(r["embedding"]) for r in rows]
+        elif path.suffix == ".npy":
+            index += np.load(path.with_name(path.stem + ".index.npy")).tolist()
+            vectors += list(torch.from_numpy(np.load(path)))
+        else:
+            from safetensors.torch import load_file
+
+            t = load_file(path)
+            index += t["index"].tolist()
+            vectors += [e[m] for e, m in zip(t["embeddings"], t["mask"])] if "mask" in t else list(t["embeddings"])
+    return index, vectors

@@ -77,6 +77,13 @@ def parse(cls: type, data: dict, file: str, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def require(checks: list[tuple[bool, str, str]], file: str) -> None:
+    """(ok, key, why) triples: the first failing one is a ConfigError naming the file and key."""
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"{file}: key '{key}' {why}")
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -189,9 +196,7 @@ class JinaV4Config:
             (self.truncate_dim is None or self.truncate_dim in self.matryoshka_dims, "truncate_dim",
              "must be null or one of matryoshka_dims"),
         ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{file}: key '{key}' {why}")
+        require(checks, file)
 
 
 @dataclass(frozen=True)
@@ -223,9 +228,7 @@ class AdapterConfig:
             (bool(cfg.rank_pattern), "rank_pattern", "per-module ranks are not supported"),
             (bool(cfg.alpha_pattern), "alpha_pattern", "per-module alphas are not supported"),
         ]
-        for bad, key, why in unsupported:
-            if bad:
-                raise ConfigError(f"{file}: key '{key}' {why}")
+        require([(not bad, key, why) for bad, key, why in unsupported], file)
         return cfg
 
     @property
@@ -279,9 +282,7 @@ class PreprocessorConfig:
             (len(cfg.image_mean) == 3 and len(cfg.image_std) == 3, "image_mean", "mean and std need 3 values"),
             (0 < cfg.min_pixels <= cfg.max_pixels, "min_pixels", "must be positive and at most max_pixels"),
         ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{file}: key '{key}' {why}")
+        require(checks, file)
         return cfg
 
 
@@ -290,18 +291,14 @@ class TokenizerConfig:
     """tokenizer_config.json: the fields the text path needs."""
 
     pad_token: str
-    model_max_length: int = 131072
     add_bos_token: bool = False
-    tokenizer_class: str = "Qwen2Tokenizer"
 
     @classmethod
     def from_dict(cls, data: dict, file: str = "tokenizer_config.json") -> "TokenizerConfig":
         data = dict(data)
         if isinstance(data.get("pad_token"), dict):  # serialized AddedToken
             data["pad_token"] = data["pad_token"].get("content")
-        if isinstance(data.get("model_max_length"), float) and data["model_max_length"] > 2**62:
-            data["model_max_length"] = 2**62  # transformers writes a huge float for "unbounded"
         cfg = parse(cls, data, file)
-        if cfg.add_bos_token:
-            raise ConfigError(f"{file}: key 'add_bos_token' must be false (the model was trained without BOS)")
+        require([(not cfg.add_bos_token, "add_bos_token", "must be false (the model was trained without BOS)")],
+                file)
         return cfg

@@ -24,7 +24,7 @@ from .late import chunk_spans, patch_scores, pool_chunks
 from .loading import load_checkpoint, resolve, to_dtype
 from .lora import LoRALinear, Task, attach_adapters, free_memory, task_rows
 from .processing import (MAX_TEXT_TOKENS, PREFIXES, Batch, ImageInput, InputError, Item, Processor, as_list,
-                         checked_text, describe, text_prompt)
+                         checked_text, describe, text_prompt, token_batches)
 from .text import TextModel
 from .vision import VisionTower
 
@@ -150,8 +150,8 @@ class JinaV4(nn.Module):
             ids = row[m.bool()].tolist()
             item = Item(ids)
             if self.config.image_token_id in ids:
-                if not grids:
-                    raise ValueError("input_ids hold more images than image_grid_thw describes")
+                if not grids or pixel_values is None:
+                    raise ValueError("input_ids hold more images than pixel_values and image_grid_thw describe")
                 item.grid = grids.pop(0)
                 n = item.grid[0] * item.grid[1] * item.grid[2]
                 item.pixel_values, start = pixel_values[start:start + n], start + n
@@ -167,22 +167,6 @@ class JinaV4(nn.Module):
 
         return [unpack(x) for x in layers] if layers is not None else unpack(h)
 
-    def _batches(self, items: list[Item], batch_size: int | None) -> list[list[int]]:
-        """Item indices, longest first, cut into batches of at most `max_batch_tokens` tokens (an image also
-        counts its patches) and, when given, `batch_size` items. Sorting keeps padding and waste low."""
-        if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        cost = [len(it.input_ids) + (0 if it.pixel_values is None else len(it.pixel_values)) for it in items]
-        batches: list[list[int]] = []
-        used = 0
-        for i in sorted(range(len(items)), key=lambda i: -cost[i]):
-            if not batches or used + cost[i] > self.max_batch_tokens or len(batches[-1]) == batch_size:
-                batches.append([])
-                used = 0
-            batches[-1].append(i)
-            used += cost[i]
-        return batches
-
     def _auto_merge(self, tasks: list[str], tokens: int) -> None:
         """Fold a lone task's LoRA into the weights for a large call, when a merged copy of the adapted
         weights fits in free memory; it stays merged for later calls of that task."""
@@ -197,7 +181,7 @@ class JinaV4(nn.Module):
     @torch.inference_mode()
     def _run(self, items: list[Item], tasks: list[str], multivector: bool, truncate_dim: int | None,
              batch_size: int | None) -> list[torch.Tensor]:
-        batches = self._batches(items, batch_size)
+        batches = token_batches(items, self.max_batch_tokens, batch_size)
         self._auto_merge(tasks, sum(len(it.input_ids) for it in items))
         out: list[Any] = [None] * len(items)
         for idx in batches:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jina_v4.processing import Item
+from jina_v4.processing import Item, token_batches
 
 TOL = 1e-5
 TEXTS = [
@@ -152,10 +152,10 @@ def test_token_budget_batches(models):
     """Batches: longest first, within max_batch_tokens and batch_size; results in input order either way."""
     model = models("gqa4-single")
     items = [Item(list(range(n))) for n in (5, 40, 17, 40, 3, 90)]
+    assert token_batches(items, 80) == [[5], [1, 3], [2, 0, 4]]
+    assert token_batches(items, 80, 2) == [[5], [1, 3], [2, 0], [4]]
     model.max_batch_tokens = 80
     try:
-        assert model._batches(items, None) == [[5], [1, 3], [2, 0, 4]]
-        assert model._batches(items, 2) == [[5], [1, 3], [2, 0], [4]]
         budget = model.encode_text(TEXTS, task="code")
     finally:
         model.max_batch_tokens = 16384

@@ -192,7 +192,8 @@ def info(args) -> None:
           f"rope_theta {t.rope_theta:g}, mrope_section {list(t.mrope_section)}")
     print(f"vision:  {v.depth} blocks, hidden {v.hidden_size}, MLP {v.intermediate_size}, heads {v.num_heads} "
           f"(dim {v.head_dim}), patch {v.patch_size}, merge {v.spatial_merge_size}x{v.spatial_merge_size}, "
-          f"window {v.window_size}px, full attention in blocks {list(v.fullatt_block_indexes)}, out {v.out_hidden_size}")
+          f"window {v.window_size}px, full attention in blocks {list(v.fullatt_block_indexes)}, "
+          f"out {v.out_hidden_size}")
     print(f"tasks: {list(c.task_names)}; LoRA r={adapters.r}, alpha={adapters.lora_alpha:g} "
           f"(scaling {adapters.scaling:g}) on {len(model.adapted)} Linears")
     print(f"single vector: {t.hidden_size}-d, Matryoshka dims {list(c.matryoshka_dims)}; "

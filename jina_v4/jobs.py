@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,7 @@ def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, repor
                 write_report(skip_file, skipped)
             if suffix == ".npy":
                 atomic_write(shard[k].with_name(shard[k].stem + ".index.npy"),
-                             lambda tmp: save_npy(tmp, np.array(index, dtype=np.int64)))
+                             partial(save_npy, array=np.array(index, dtype=np.int64)))
             write_vectors(shard[k], index, [job.labels[i] for i in index], vectors,
                           job.settings["multivector"], job.settings)
             bar.update(stop - start)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_index(input_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int) -> torch.Tensor:
+def rope_index(
+    input_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int
+) -> torch.Tensor:
     """Positions (3, L) on the temporal/height/width axes for one unpadded sequence.
 
     Text advances all three axes together. Image i (grid (t, h, w) in patches) occupies the next

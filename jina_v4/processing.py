@@ -43,7 +43,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     if min(height, width) < 1:
         raise ValueError(f"image has no pixels ({width}x{height})")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 ({width}x{height})")
+        aspect = max(height, width) / min(height, width)
+        raise ValueError(f"image aspect ratio {aspect:.1f} is over 200 ({width}x{height})")
     h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)

@@ -10,7 +10,6 @@ U = N/4 merge units (one decoder token each), d vision head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig

@@ -292,7 +292,7 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
                                lambda: model.encode_image(images[:2], task=TASK))
     achieved, bare, ratio = flop_ratio(model, [args.flop_tokens // 8] * 8, args.runs, device)
     ours_vec = model.encode_text(texts[:8], task=TASK)
-    del model
+    model = None  # free it before the reference loads
     gc.collect()
 
     ref = Reference(ckpt, tdtype, str(device))
@@ -304,7 +304,7 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     ti_rel, mi_rel = measure(lambda: reference_images(ref, patches, True, args.ref_image_batch), args.runs, device,
                              lambda: reference_images(ref, patches[:2], True, args.ref_image_batch))
     cos = F.cosine_similarity(ours_vec, reference_texts(ref, texts[:8], False), dim=-1).min().item()
-    del ref
+    ref = None
     gc.collect()
 
     mib = 2**20
@@ -371,7 +371,8 @@ def main() -> None:
         gib = 2**30
         print(f"\nfull-size bf16 checkpoint: {r['bytes'] / gib:.2f} GiB in its files")
         for cache in ("cold", "warm"):
-            print(f"  {cache} cache: read files {r[f'read_{cache}']:.2f} s; from_pretrained {r[f'load_{cache}']:.2f} s, "
+            print(f"  {cache} cache: read files {r[f'read_{cache}']:.2f} s; "
+                  f"from_pretrained {r[f'load_{cache}']:.2f} s, "
                   f"+ every page touched {r[f'load_touch_{cache}']:.2f} s "
                   f"({r[f'load_touch_{cache}'] / r[f'read_{cache}']:.2f}x reading; target <= 1.5x); "
                   f"peak RSS {r[f'peak_{cache}'] / gib:.2f} GiB "

@@ -32,7 +32,8 @@ CORPUS = [
     "Passage: The impacts of climate change on coastal cities are significant and far reaching.",
     "The quick brown fox jumps over the lazy dog. Describe the image.",
     "def add(a, b):\n    return a + b\n\nclass Foo:\n    pass",
-    "気候変動が沿岸都市に与える影響の概要", "تأثير تغير المناخ على المدن الساحلية",
+    "気候変動が沿岸都市に与える影響の概要",
+    "تأثير تغير المناخ على المدن الساحلية",
     "Die Auswirkungen des Klimawandels auf Küstenstädte sind erheblich.", "emoji 🚀🌍✨ test",
     "user\nassistant\nsystem\n",
 ]

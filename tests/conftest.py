@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # reference.py, the oracle (also used by parity.py)
 
-from synthetic import CONFIGS, Tiny, write_checkpoint  # noqa: E402
+from synthetic import CONFIGS, write_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 

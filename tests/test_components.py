@@ -73,7 +73,7 @@ def test_lora_layer():
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["0"])
     peft_model = get_peft_model(base, cfg, adapter_name="t1")
     peft_model.add_adapter("t2", cfg)
-    for n, p in peft_model.named_parameters():
+    for p in peft_model.parameters():
         p.data.normal_(0, 0.3)
     ours = LoRALinear(24, 40)
     ours.add_tasks(["t1", "t2"], 4, 12 / 4)

@@ -152,8 +152,10 @@ def test_index_and_shard_disagree(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["text_config"].pop("num_key_value_heads"), r"config\.json: key 'text_config\.num_key_value_heads' is missing"),
-    (lambda c: c["vision_config"].update(depth="4"), r"config\.json: key 'vision_config\.depth' should be int, got '4'"),
+    (lambda c: c["text_config"].pop("num_key_value_heads"),
+     r"config\.json: key 'text_config\.num_key_value_heads' is missing"),
+    (lambda c: c["vision_config"].update(depth="4"),
+     r"config\.json: key 'vision_config\.depth' should be int, got '4'"),
     (lambda c: c.pop("task_names"), r"config\.json: key 'task_names' is missing"),
     (lambda c: c.update(matryoshka_dims=[8, "x"]), r"key 'matryoshka_dims\[1\]' should be int"),
 ])
@@ -168,7 +170,8 @@ def test_config_errors(checkpoints, tmp_path, edit, message):
 
 def test_unknown_task_and_truncate_dim(models):
     m = models("gqa2-sharded")
-    with pytest.raises(ValueError, match=r"unknown task 'search': valid tasks are \['retrieval', 'text-matching', 'code'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'search': valid tasks are "
+                                         r"\['retrieval', 'text-matching', 'code'\]"):
         m.encode_text("x", task="search")
     with pytest.raises(ValueError, match=r"no task given: pass task=\.\.\. or set model\.task to one of \['retrieval'"):
         m.encode_text("x")

@@ -5,6 +5,7 @@ print one table. Exit status 1 when any output misses its threshold.
     python scripts/parity.py --model jinaai/jina-embeddings-v4 --device cuda --dtype bfloat16
     python scripts/parity.py --model ... --save ref.safetensors       # keep the reference outputs and inputs
     python scripts/parity.py --model ... --against ref.safetensors    # compare to them; needs no transformers
+    python scripts/parity.py --model ... --dtype bfloat16 --reference-dtype float32   # bf16 against fp32
 
 The reference is transformers + peft from the same files (scripts/reference.py: half precision runs under
 autocast, as the released encode_* does), or with --remote-code the released remote code itself.
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="jinaai/jina-embeddings-v4", help="hub repo id or checkpoint directory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(THRESHOLDS), help="default bfloat16, or the --against file's")
+    ap.add_argument("--reference-dtype", choices=sorted(THRESHOLDS),
+                    help="run the reference in another dtype, e.g. bf16 jina_v4 against an fp32 reference")
     ap.add_argument("--remote-code", action="store_true", help="reference = the released remote code")
     ap.add_argument("--save", help="write the reference outputs and their inputs to this .safetensors file")
     ap.add_argument("--against", help="compare jina_v4 to a file written by --save (no transformers needed)")
@@ -189,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.dtype = args.dtype or "bfloat16"
         texts, images = TEXTS, probe_images()
-        ref = run_reference(args.model, args.device, getattr(torch, args.dtype), texts, images, args.remote_code)
-        meta = {"model": str(args.model), "dtype": args.dtype, "device": args.device,
+        ref_dtype = args.reference_dtype or args.dtype
+        ref = run_reference(args.model, args.device, getattr(torch, ref_dtype), texts, images, args.remote_code)
+        meta = {"model": str(args.model), "dtype": ref_dtype, "device": args.device,
                 "reference": "remote code" if args.remote_code else "transformers 4.52.4 + peft 0.15.2",
                 "torch": torch.__version__}
         if args.save:
             save(args.save, ref, texts, images, meta)
             print(f"saved {len(ref)} reference outputs and their inputs to {args.save}")
-        threshold_dtype = args.dtype
+        threshold_dtype = max(args.dtype, ref_dtype, key=lambda d: THRESHOLDS[d]["multi_min"] < 0.99)
     ours = run_jina_v4(args.model, args.device, getattr(torch, args.dtype), texts, images)
     return 0 if compare(ours, ref, threshold_dtype) else 1
 

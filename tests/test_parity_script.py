@@ -43,3 +43,10 @@ def test_save_then_against_then_altered(checkpoints, tmp_path):
     failed = [line.split()[0] for line in out.stdout.splitlines() if line.endswith("FAIL")]
     assert failed == ["code/image/2/single", "retrieval/text/0/multi"]
     assert "94/96 outputs pass" in out.stdout
+
+
+def test_bf16_against_fp32_reference(checkpoints):
+    out = run("--model", checkpoints["gqa2-sharded"], "--device", "cpu", "--dtype", "bfloat16",
+              "--reference-dtype", "float32")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "96/96 outputs pass (bfloat16" in out.stdout

@@ -115,18 +115,21 @@ class Batch:
 
 def token_batches(items: list[Item], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
     """Item indices, longest first, cut into batches of at most `max_tokens` tokens (an image also counts its
-    patches) and, when given, `batch_size` items. Sorting keeps padding and waste low."""
+    patches) and, when given, `batch_size` items. Causal attention pads a batch to its longest sequence, so
+    items x longest stays within `max_tokens` too: one long text never drags a crowd of short ones along."""
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     cost = [len(it.input_ids) + (0 if it.pixel_values is None else len(it.pixel_values)) for it in items]
     batches: list[list[int]] = []
-    used = 0
+    used = longest = 0
     for i in sorted(range(len(items)), key=lambda i: -cost[i]):
-        if not batches or used + cost[i] > max_tokens or len(batches[-1]) == batch_size:
+        n = len(items[i].input_ids)
+        if (not batches or used + cost[i] > max_tokens or len(batches[-1]) == batch_size
+                or (len(batches[-1]) + 1) * max(longest, n) > max_tokens):
             batches.append([])
-            used = 0
+            used = longest = 0
         batches[-1].append(i)
-        used += cost[i]
+        used, longest = used + cost[i], max(longest, n)
     return batches
 
 

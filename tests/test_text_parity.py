@@ -154,6 +154,11 @@ def test_token_budget_batches(models):
     items = [Item(list(range(n))) for n in (5, 40, 17, 40, 3, 90)]
     assert token_batches(items, 80) == [[5], [1, 3], [2, 0, 4]]
     assert token_batches(items, 80, 2) == [[5], [1, 3], [2, 0], [4]]
+    # one long text and many short ones: the padded attention grid (items x longest) stays within the budget
+    crowd = [Item([0] * 700)] + [Item([0] * 10) for _ in range(300)]
+    batches = token_batches(crowd, 1000)
+    assert batches[0] == [0] and all(len(b) * max(len(crowd[i].input_ids) for i in b) <= 1000 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(301))
     model.max_batch_tokens = 80
     try:
         budget = model.encode_text(TEXTS, task="code")

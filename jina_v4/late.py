@@ -37,8 +37,9 @@ def _padded(x: Vectors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def maxsim(queries: Vectors, documents: Vectors, batch_size: int = 128,
-           device: str | torch.device | None = None) -> torch.Tensor:
-    """(Q, D) late-interaction scores, accumulated in fp32, in blocks of `batch_size` queries x documents.
+           device: str | torch.device | None = None, max_elements: int = 2**26) -> torch.Tensor:
+    """(Q, D) late-interaction scores, accumulated in fp32, in blocks of up to `batch_size` queries x
+    documents, fewer documents when the (q, d, query tokens, document tokens) block would pass `max_elements`.
 
     Document padding is masked out of the max (a zero padding row never wins, so a score does not depend on
     which other documents share its block); query padding rows add nothing."""
@@ -48,13 +49,14 @@ def maxsim(queries: Vectors, documents: Vectors, batch_size: int = 128,
         raise ValueError(f"queries have {q.shape[-1]}-d vectors, documents {d.shape[-1]}-d")
     device = torch.device(device) if device is not None else q.device
     out = torch.empty(len(q), len(d))
+    doc_block = max(1, min(batch_size, max_elements // (min(batch_size, len(q)) * q.shape[1] * d.shape[1])))
     for i in range(0, len(q), batch_size):
         qb, qm = q[i:i + batch_size].to(device, torch.float32), q_mask[i:i + batch_size].to(device)
-        for j in range(0, len(d), batch_size):
-            db, dm = d[j:j + batch_size].to(device, torch.float32), d_mask[j:j + batch_size].to(device)
+        for j in range(0, len(d), doc_block):
+            db, dm = d[j:j + doc_block].to(device, torch.float32), d_mask[j:j + doc_block].to(device)
             sim = torch.einsum("qnp,dsp->qdns", qb, db)  # (q, d, query tokens, document tokens)
             best = sim.masked_fill(~dm[None, :, None, :], float("-inf")).amax(-1)  # (q, d, n)
-            out[i:i + batch_size, j:j + batch_size] = best.masked_fill(~qm[:, None, :], 0).sum(-1).cpu()
+            out[i:i + batch_size, j:j + doc_block] = best.masked_fill(~qm[:, None, :], 0).sum(-1).cpu()
     return out
 
 

@@ -35,6 +35,7 @@ def test_maxsim_equals_plain_loop_and_colpali():
     assert torch.allclose(maxsim(qs_pos, ds_pos), colpali(qs_pos, ds_pos), atol=1e-5)
     # chunked equals unchunked; padded (N, L, P) input equals the ragged list
     assert torch.allclose(maxsim(qs, ds, batch_size=2), got, atol=1e-6)
+    assert torch.allclose(maxsim(qs, ds, max_elements=500), got, atol=1e-6)  # memory-bound document blocks
     assert torch.allclose(maxsim(pad_multivectors(qs)[0], pad_multivectors(ds)[0]), got, atol=1e-6)
 
 

@@ -153,14 +153,10 @@ def build_meta(model: str):
     """The model on the meta device, from its config files only (no weights are read)."""
     import torch
 
-    from .config import AdapterConfig, JinaV4Config, read_json
-    from .loading import resolve
+    from .loading import CONFIG_FILES, read_configs, resolve
     from .model import JinaV4
 
-    path = resolve(model)
-    config = JinaV4Config.from_dict(read_json(path / "config.json"), str(path / "config.json"))
-    adapter_file = path / "adapters" / "adapter_config.json"
-    adapters = AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
+    config, adapters = read_configs(resolve(model, files=CONFIG_FILES))  # a hub id: only these two files
     with torch.device("meta"):
         return JinaV4(config, adapters), adapters
 

@@ -76,6 +76,11 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def json_lines(index: list[int], labels: list[str], vectors: list):
+    for i, lab, v in zip(index, labels, vectors):
+        yield json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False) + "\n"
+
+
 def write_vectors(path: Path, index: list[int], labels: list[str], vectors: list, multivector: bool,
                   meta: dict) -> None:
     """One output file: .npy (vectors; multi-vectors zero-padded to (N, Lmax, P)), .safetensors (embeddings,
@@ -83,9 +88,7 @@ def write_vectors(path: Path, index: list[int], labels: list[str], vectors: list
     if path.suffix == ".jsonl":
         def write(tmp):
             with open(tmp, "w", encoding="utf-8") as f:
-                for i, lab, v in zip(index, labels, vectors):
-                    f.write(json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False))
-                    f.write("\n")
+                f.writelines(json_lines(index, labels, vectors))
         return atomic_write(path, write)
     if multivector and vectors:
         from .late import pad_multivectors
@@ -126,9 +129,7 @@ def run_to_file(job: Job, output: str | None, report: str | None) -> int:
             bar.update(stop - start)
     labels = [job.labels[i] for i in index]
     if output is None:
-        for i, lab, v in zip(index, labels, vectors):
-            sys.stdout.write(json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False))
-            sys.stdout.write("\n")
+        sys.stdout.writelines(json_lines(index, labels, vectors))
     else:
         write_vectors(Path(output), index, labels, vectors, job.settings["multivector"], job.settings)
     job.skipped = skipped

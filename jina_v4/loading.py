@@ -18,13 +18,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import ConfigError, read_json
+from .config import AdapterConfig, ConfigError, JinaV4Config, read_json
 
 FILES = [
     "config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
     "model.safetensors.index.json", "model-*.safetensors", "adapters/adapter_config.json",
     "adapters/adapter_model.safetensors",
 ]
+CONFIG_FILES = ["config.json", "adapters/adapter_config.json"]
 ADAPTER_FILE = "adapters/adapter_model.safetensors"
 
 
@@ -45,8 +46,8 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
-            local_files_only: bool = False, token: str | bool | None = None) -> Path:
-    """A local directory as is; otherwise a hub repo id, downloaded (only the files jina_v4 reads)."""
+            local_files_only: bool = False, token: str | bool | None = None, files: list[str] = FILES) -> Path:
+    """A local directory as is; otherwise a hub repo id, downloaded (only `files`: what jina_v4 reads)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -56,10 +57,17 @@ def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: st
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=FILES,
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=files,
                                       local_files_only=local_files_only, token=token))
     except Exception as e:  # network, auth, missing revision: one clear line
         raise FileNotFoundError(f"{name}: cannot fetch from the hub ({type(e).__name__}: {e})") from None
+
+
+def read_configs(path: Path) -> tuple[JinaV4Config, AdapterConfig]:
+    """config.json and adapters/adapter_config.json of a checkpoint directory."""
+    config = JinaV4Config.from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    adapter_file = path / "adapters" / "adapter_config.json"
+    return config, AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
 
 
 def weight_files(path: Path) -> dict[Path, list[str] | None]:

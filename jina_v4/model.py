@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import AdapterConfig, JinaV4Config, read_json
+from .config import AdapterConfig, JinaV4Config
 from .heads import check_truncate_dim, multi_vectors, single_vectors
 from .late import chunk_spans, patch_scores, pool_chunks
-from .loading import load_checkpoint, resolve, to_dtype
+from .loading import load_checkpoint, read_configs, resolve, to_dtype
 from .lora import LoRALinear, Task, attach_adapters, free_memory, task_rows
 from .processing import (MAX_TEXT_TOKENS, PREFIXES, Batch, ImageInput, InputError, Item, Processor, as_list,
                          checked_text, describe, text_prompt, token_batches)
@@ -61,9 +61,7 @@ class JinaV4(nn.Module):
         """A checkpoint directory or hub repo id. device: default cuda if available, else cpu.
         dtype: default the checkpoint's torch_dtype (bfloat16 for the release)."""
         path = resolve(name_or_path, revision, cache_dir, local_files_only, token)
-        config = JinaV4Config.from_dict(read_json(path / "config.json"), str(path / "config.json"))
-        adapter_file = path / "adapters" / "adapter_config.json"
-        adapter_config = AdapterConfig.from_dict(read_json(adapter_file), str(adapter_file))
+        config, adapter_config = read_configs(path)
         processor = Processor.from_dir(path, config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -102,6 +100,11 @@ class JinaV4(nn.Module):
             if t not in names:
                 raise ValueError(f"unknown task {t!r}: valid tasks are {names}")
         return tasks
+
+    def _truncate_dim(self, truncate_dim: int | None) -> int | None:
+        truncate_dim = truncate_dim or self.config.truncate_dim  # the reference's fallback
+        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
+        return truncate_dim
 
     def merge(self, task: str | None) -> None:
         """Precompute W + s·BA for `task` in every adapted layer (faster for that task); None unmerges.
@@ -292,8 +295,7 @@ class JinaV4(nn.Module):
     ) -> Output:
         """The model half of `encode`, on items from `prepare` (for pipelines that prepare inputs apart)."""
         tasks = self._tasks(task, len(items))
-        truncate_dim = truncate_dim or self.config.truncate_dim
-        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
+        truncate_dim = self._truncate_dim(truncate_dim)
         vecs = self._run(items, tasks, return_multivector, truncate_dim, batch_size)
         return self._output(vecs, return_multivector, return_numpy)
 
@@ -310,8 +312,7 @@ class JinaV4(nn.Module):
         Returns (C, D) vectors and the chunks' character spans."""
         text = checked_text(text, "text")
         tasks = self._tasks(task, 1)
-        truncate_dim = truncate_dim or self.config.truncate_dim
-        check_truncate_dim(truncate_dim, self.config.matryoshka_dims)
+        truncate_dim = self._truncate_dim(truncate_dim)
         prompt = text_prompt(text, tasks[0], prompt_name)
         shift = len(prompt) - len(text)
         enc = self.processor.encode([prompt], max_length)[0]

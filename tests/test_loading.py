@@ -181,3 +181,20 @@ def test_unknown_task_and_truncate_dim(models):
         m.encode_text("x", task="code", truncate_dim=100)
     with pytest.raises(ValueError, match="prompt_name='question'"):
         m.encode_text("x", task="code", prompt_name="question")
+
+
+def test_info_on_a_hub_id_fetches_only_the_configs(checkpoints, monkeypatch):
+    import huggingface_hub
+
+    from jina_v4.cli import build_meta
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns, **kw):
+        asked[repo_id] = allow_patterns
+        return str(checkpoints["gqa2-sharded"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _ = build_meta("tiny-org/tiny-v4")
+    assert asked == {"tiny-org/tiny-v4": ["config.json", "adapters/adapter_config.json"]}
+    assert model.model.norm.weight.is_meta

@@ -86,7 +86,7 @@ def embed(args) -> None:
     if not texts and not images:
         raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
     model = load_model(args)
-    start, tokens = time.perf_counter(), model.tokens_processed
+    start = time.perf_counter()
     settings = {"model": str(args.model), "task": args.task, "dtype": str(model.dtype).replace("torch.", ""),
                 "prompt_name": args.prompt_name, "multivector": args.multivector, "truncate_dim": args.truncate_dim,
                 "max_pixels": args.max_pixels}
@@ -99,12 +99,13 @@ def embed(args) -> None:
         done_now, resumed = run_to_file(job, out, args.report), ""
     if not args.quiet:
         skipped = f"; {len(job.skipped)} skipped (see the report)" if job.skipped else ""
-        print(f"embedded {done_now} items ({model.tokens_processed - tokens} tokens) in "
+        print(f"embedded {done_now} items ({job.tokens} tokens) in "
               f"{time.perf_counter() - start:.1f} s{resumed}{skipped}", file=sys.stderr)
 
 
 def score(args) -> None:
-    from .late import maxsim
+    from .processing import preview
+    from .scoring import maxsim
 
     docs = [{"text": t} for t in read_texts(args.doc, args.docs_file, args.text_field, stdin=False)]
     docs += [{"image": p} for p in expand_images(args.image)]
@@ -122,18 +123,18 @@ def score(args) -> None:
         order = scores[i].argsort(descending=True)[: args.top]
         for rank, j in enumerate(order.tolist(), 1):
             label = f"text: {docs[j]['text']}" if "text" in docs[j] else f"image: {docs[j]['image']}"
-            label = label if len(label) <= 70 else label[:67] + "..."
-            print(f"  {rank:>4}  {scores[i, j].item():>8.4f}  {label}")
+            print(f"  {rank:>4}  {scores[i, j].item():>8.4f}  {preview(label, 70)}")
 
 
 def heatmap(args) -> None:
     from PIL import Image
 
-    from .processing import load_image
+    from .images import load_image
+    from .scoring import similarity_map
 
     model = load_model(args)
     image = load_image(args.image)
-    scores = model.similarity_map(args.query, image, max_pixels=args.max_pixels)  # (h, w) merge units
+    scores = similarity_map(model, args.query, image, max_pixels=args.max_pixels)  # (h, w) merge units
     s = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-12)
     heat = Image.fromarray(colormap(s.numpy())).resize(image.size, Image.Resampling.BILINEAR)
     Image.blend(image, heat, args.alpha).save(args.output)
@@ -150,15 +151,12 @@ def colormap(x: np.ndarray) -> np.ndarray:
 
 
 def build_meta(model: str):
-    """The model on the meta device, from its config files only (no weights are read)."""
-    import torch
-
-    from .loading import CONFIG_FILES, read_configs, resolve
+    """The model on the meta device, from its config files only (a hub id: only those two files are fetched)."""
+    from .loading import CONFIG_FILES, resolve
     from .model import JinaV4
 
-    config, adapters = read_configs(resolve(model, files=CONFIG_FILES))  # a hub id: only these two files
-    with torch.device("meta"):
-        return JinaV4(config, adapters), adapters
+    meta = JinaV4.on_meta(resolve(model, files=CONFIG_FILES))
+    return meta, meta.adapter_config
 
 
 def component(name: str) -> str:

@@ -7,6 +7,7 @@ is a `ConfigError` naming the file and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -22,44 +23,30 @@ class ConfigError(ValueError):
 
 
 def _check(value: Any, tp: Any, file: str, key: str) -> Any:
-    """Validate `value` against a type hint; return it (lists become tuples)."""
+    """Validate `value` against a type hint; return it (lists become tuples, an int where a float is asked a float)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = ConfigError(f"{file}: key '{key}' should be {_name(tp)}, got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin in (Union, types.UnionType):
         for arg in args:
-            try:
+            with contextlib.suppress(ConfigError):
                 return _check(value, arg, file, key)
-            except ConfigError:
-                pass
-        raise wrong
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
+    elif origin is tuple and isinstance(value, (list, tuple)):
         return tuple(_check(v, args[0], file, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise wrong
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise wrong
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    elif tp is float and number:
         return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise wrong
-    return value
+    elif (tp is type(None) and value is None) or (tp is int and number and isinstance(value, int)) or (
+            tp not in (int, float) and isinstance(tp, type) and isinstance(value, tp)):
+        return value
+    raise ConfigError(f"{file}: key '{key}' should be {_name(tp)}, got {value!r}")
 
 
 def _name(tp: Any) -> str:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_name(a) for a in args)
-    if typing.get_origin(tp) is tuple:
+    if args and typing.get_origin(tp) is tuple:
         return f"a list of {_name(args[0])}"
-    if tp is dict:
-        return "an object"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+    if args:
+        return " or ".join(_name(a) for a in args)
+    return {dict: "an object", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def parse(cls: type, data: dict, file: str, prefix: str = "") -> Any:
@@ -94,6 +81,11 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
+
+
+def check_truncate_dim(truncate_dim: int | None, dims: tuple[int, ...]) -> None:
+    if truncate_dim is not None and truncate_dim not in dims:
+        raise ValueError(f"truncate_dim={truncate_dim!r} is not one of the Matryoshka dims {list(dims)}")
 
 
 @dataclass(frozen=True)
@@ -193,10 +185,12 @@ class JinaV4Config:
             (len(self.task_names) > 0, "task_names", "must not be empty"),
             (all(0 < d <= t.hidden_size for d in self.matryoshka_dims), "matryoshka_dims",
              "must lie in 1..hidden_size"),
-            (self.truncate_dim is None or self.truncate_dim in self.matryoshka_dims, "truncate_dim",
-             "must be null or one of matryoshka_dims"),
         ]
         require(checks, file)
+        try:
+            check_truncate_dim(self.truncate_dim, self.matryoshka_dims)
+        except ValueError as e:
+            raise ConfigError(f"{file}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -207,6 +201,8 @@ class AdapterConfig:
     lora_alpha: Union[int, float]
     target_modules: Union[str, tuple[str, ...]]
     exclude_modules: Union[str, tuple[str, ...], None] = None
+    lora_dropout: float = 0.0
+    init_lora_weights: Union[bool, str] = True
     peft_type: str = "LORA"
     use_rslora: bool = False
     use_dora: bool = False

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processing import Item
+from .processing import Item, preview
 
 SUFFIXES = (".npy", ".safetensors", ".jsonl")
 
@@ -39,12 +39,13 @@ class Job:
     on_error: str = "fail"
     quiet: bool = False
     skipped: list[dict] = field(default_factory=list)
+    tokens: int = 0  # tokens embedded so far
 
     def encode(self, start: int, stop: int) -> tuple[list[int], list[torch.Tensor], list[dict]]:
         """Inputs start..stop -> (indices embedded, their vectors, skipped records)."""
         s = self.settings
-        items = self.model.prepare(self.inputs[start:stop], prompt_name=s["prompt_name"],
-                                   max_pixels=s["max_pixels"], errors="return")
+        items = self.model.processor.prepare(self.inputs[start:stop], self.model.task, s["prompt_name"],
+                                             max_pixels=s["max_pixels"], errors="return")
         ok, skipped = [], []
         for j, it in enumerate(items):
             if isinstance(it, Item):
@@ -52,10 +53,11 @@ class Job:
                 continue
             record = {"index": start + j, "input": self.labels[start + j], "error": getattr(it, "reason", str(it))}
             if self.on_error == "fail":
-                raise JobError(f"input {record['index']} ({short(record['input'])}): {record['error']}")
+                raise JobError(f"input {record['index']} ({preview(record['input'], 100)}): {record['error']}")
             skipped.append(record)
         vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
                                        return_multivector=s["multivector"], truncate_dim=s["truncate_dim"])
+        self.tokens += sum(len(items[j].input_ids) for j in ok)
         return [start + j for j in ok], list(vecs), skipped
 
     def progress(self, done: int = 0):
@@ -63,10 +65,6 @@ class Job:
 
         quiet = self.quiet or not sys.stderr.isatty()
         return tqdm(total=len(self.inputs), initial=done, unit="item", disable=quiet, file=sys.stderr)
-
-
-def short(label: str, width: int = 100) -> str:
-    return label if len(label) <= width else label[: width - 3] + "..."
 
 
 def atomic_write(path: Path, write) -> None:
@@ -91,7 +89,7 @@ def write_vectors(path: Path, index: list[int], labels: list[str], vectors: list
                 f.writelines(json_lines(index, labels, vectors))
         return atomic_write(path, write)
     if multivector and vectors:
-        from .late import pad_multivectors
+        from .scoring import pad_multivectors
 
         padded, mask = pad_multivectors(vectors)
         tensors = {"embeddings": padded, "mask": mask}
@@ -138,7 +136,7 @@ def run_to_file(job: Job, output: str | None, report: str | None) -> int:
             write_report(Path(report or output + ".skipped.jsonl"), skipped)
         else:
             for r in skipped:
-                print(f"skipped input {r['index']} ({short(r['input'])}): {r['error']}", file=sys.stderr)
+                print(f"skipped input {r['index']} ({preview(r['input'], 100)}): {r['error']}", file=sys.stderr)
     return len(index)
 
 

@@ -1,15 +1,88 @@
-"""Building blocks shared by the decoder and the vision tower: RMSNorm, rotary helpers, the SwiGLU MLP and
-variable-length attention over packed sequences.
+"""Building blocks shared by the decoder and the vision tower: RMSNorm, Linear, the SwiGLU MLP, attention over
+packed sequences, and the execution mode (deterministic shapes, the varlen kernel) a forward runs in.
 
-Sequences are packed: a batch is a (T, ...) tensor of all valid tokens plus `cu_seqlens` (S+1,), the start
-of each sequence. No padding token ever goes through a Linear layer, and no (T, T) mask is ever built.
+Sequences are packed: a batch is a (T, ...) tensor of all valid tokens plus its `Segments`. No padding token
+ever goes through a Linear layer, and no (T, T) mask is ever built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .positions import Segments
+
+try:  # flash varlen attention (torch >= 2.9); used on CUDA when switched on
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+
+
+@dataclass(frozen=True)
+class Mode:
+    deterministic: bool = False  # fixed GEMM shapes and per-length attention: a row's result ignores its batch
+    varlen: bool = False  # packed attention through `varlen_attn` on CUDA (else SDPA, padded or per length)
+
+
+_MODE: ContextVar[Mode] = ContextVar("jina_v4_mode", default=Mode())
+ROWS = 256  # deterministic mode: every matrix product sees exactly this many rows (measured cost ~5% on a CPU)
+
+
+@contextlib.contextmanager
+def mode(m: Mode):
+    """Run the enclosed forward in mode `m` (per thread and per task: concurrent calls do not interfere)."""
+    token = _MODE.set(m)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def rowwise(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    """fn(x, *rest) for a function of independent rows. In deterministic mode it runs on tiles of exactly ROWS
+    rows (the last zero-padded), so every product a row takes part in has one shape whatever shares its batch:
+    BLAS libraries choose kernels, blocking and thread splits by shape."""
+    if not _MODE.get().deterministic:
+        return fn(x, *rest)
+    n = x.shape[0]
+    padded = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, -n % ROWS)) for t in (x, *rest))
+    return torch.cat([fn(*tile) for tile in zip(*(t.split(ROWS) for t in padded))])[:n]
+
+
+# ---- the one home of the in-place speed tricks --------------------------------------------------------------
+# At inference, results land in a fresh temporary's own buffer instead of a new (T, ·) tensor: on a CPU the page
+# faults of a new buffer cost as much as the arithmetic. Autograd needs the originals, so training takes a + b.
+
+
+def residual(x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """x + fx, where fx is a sublayer's fresh output: x = residual(x, attn(norm(x)))."""
+    return x + fx if torch.is_grad_enabled() else fx.add_(x)
+
+
+def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b (a is a fresh temporary)."""
+    return a * b if torch.is_grad_enabled() else a.mul_(b)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (gate is a fresh temporary)."""
+    return mul(F.silu(gate, inplace=not torch.is_grad_enabled()), up)
+
+
+# ---- modules --------------------------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """nn.Linear over packed rows (fixed shapes in deterministic mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rowwise(super().forward, x)
 
 
 class RMSNorm(nn.Module):
@@ -19,77 +92,70 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight.
-        h = x.float()
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return h.mul_(self.weight) if not torch.is_grad_enabled() else h * self.weight
+        # As Qwen2RMSNorm: normalise in fp32 (float64 stays float64), cast back to the input dtype, then scale.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        return mul((h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), self.weight)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Decoder: no bias; vision blocks: with bias."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Decoder: no bias, LoRA; vision blocks: with bias."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool, linear: type[nn.Linear] = nn.Linear):
+    def __init__(self, dim: int, hidden: int, bias: bool, linear: type[nn.Linear] = Linear):
         super().__init__()
         self.gate_proj = linear(dim, hidden, bias=bias)
         self.up_proj = linear(dim, hidden, bias=bias)
         self.down_proj = linear(hidden, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, **lora) -> torch.Tensor:
-        gate, up = self.gate_proj(x, **lora), self.up_proj(x, **lora)
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up, **lora)
-        # Inference: in place, so no fresh (T, intermediate) buffers (on a CPU their page faults cost as much).
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up), **lora)
+    def forward(self, x: torch.Tensor, *task) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x, *task), self.up_proj(x, *task)), *task)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+# ---- attention ------------------------------------------------------------------------------------------------
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, d); cos, sin: (T, d), broadcast over heads. Real-valued half-split (NeoX) convention."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
-def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], causal: bool
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Segments, causal: bool) -> torch.Tensor:
     """Attention inside each packed sequence. q: (T, Hq, d); k, v: (T, Hkv, d) with Hq % Hkv == 0.
 
-    Causal (text): the sequences are right-padded into one (S, H, Lmax, d) SDPA call with `is_causal`, which
-    needs no mask, since a valid query never sees a later (padded) key. Non-causal (vision windows, images):
-    each run of consecutive equal-length sequences is a free view (n, H, L, d) for one SDPA call, so no copy,
-    no padding and no mask. Full windows come in runs along each row of windows; partial ones sit at edges.
+    - per length (CPU; deterministic mode anywhere): each run of consecutive sequences of equal length is a
+      free (n, H, L, d) view for one SDPA call: no copy, no padding, no mask, and a sequence's result never
+      depends on the others. On a CPU this is 2x faster than padding causal text to the longest sequence.
+    - padded (CUDA, causal): one SDPA call over the sequences right-padded to the longest; `is_causal` needs no
+      mask, since a valid query never sees a later (padded) key.
+    - varlen (CUDA, half precision, `Mode.varlen`): the packed tokens as they are, through `varlen_attn`.
     """
     T, Hq, d = q.shape
     gqa = k.shape[1] != Hq
+    m = _MODE.get()
+    if q.is_cuda and not m.deterministic:
+        if m.varlen and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+            return _varlen(q, k, v, seqs, causal)
+        if causal:
+            S, L = len(seqs.lengths), seqs.max_len
 
-    def sdpa(a: int, n: int, L: int, is_causal: bool) -> torch.Tensor:  # rows a .. a+n·L -> (n·L, Hq, d)
+            def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, d) -> (S, H, L, d), zeros past each end
+                grid = t.new_zeros(S * L, t.shape[1], d)
+                grid[seqs.slots] = t
+                return grid.view(S, L, -1, d).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, enable_gqa=gqa)
+            return out.transpose(1, 2).reshape(S * L, Hq, d)[seqs.slots]
+
+    def run(a: int, n: int, L: int) -> torch.Tensor:  # rows a .. a+n·L -> (n·L, Hq, d)
         views = (t[a:a + n * L].view(n, L, -1, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(*views, is_causal=is_causal, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(*views, is_causal=causal, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(n * L, Hq, d)
 
-    runs = []  # [start, count, length] of consecutive equal-length sequences
-    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if runs and runs[-1][2] == b - a:
-            runs[-1][1] += 1
+    return run(*seqs.runs[0]) if len(seqs.runs) == 1 else torch.cat([run(*r) for r in seqs.runs])
+
+
+def _varlen(q, k, v, seqs: Segments, causal: bool) -> torch.Tensor:
+    """`varlen_attn` across its torch versions: causality as `is_causal` or as a (-1, 0) window, GQA as a flag or
+    by repeating the key/value heads."""
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
         else:
-            runs.append([a, 1, b - a])
-    if len(runs) == 1:
-        return sdpa(*runs[0], causal)
-    if causal:
-        lengths = torch.tensor([b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])], device=q.device)
-        S, L = len(lengths), int(lengths.max())
-        slots = (torch.arange(L, device=q.device) < lengths[:, None]).flatten().nonzero().squeeze(1)  # (T,)
-        out = F.scaled_dot_product_attention(*(_pad(t, slots, S, L) for t in (q, k, v)), is_causal=True,
-                                             enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(S * L, Hq, d)[slots]
-    return torch.cat([sdpa(a, n, L, False) for a, n, L in runs])
-
-
-def _pad(t: torch.Tensor, slots: torch.Tensor, S: int, L: int) -> torch.Tensor:
-    """(T, H, d) packed -> (S, H, L, d) right-padded with zeros; `slots` are the tokens' places in S·L."""
-    grid = t.new_zeros(S * L, t.shape[1], t.shape[2])
-    grid[slots] = t
-    return grid.view(S, L, -1, t.shape[2]).transpose(1, 2)
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, seqs.cu_t, seqs.cu_t, seqs.max_len, seqs.max_len, **kw)

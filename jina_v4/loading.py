@@ -2,11 +2,11 @@
 (memory-mapped) and assigned into a model built on the meta device, so the weights exist once in memory.
 
 Released layout: `model.embed_tokens`, `model.layers.N...`, `model.norm`, `visual...`, `multi_vector_projector`
-(old transformers names, which are ours), sharded through `model.safetensors.index.json` or one
-`model.safetensors`; adapters in `adapters/adapter_model.safetensors` as
-`base_model.model.model.language_model.layers.N....lora_{A,B}.<task>.weight`. The newer transformers layout
-(`model.language_model...`, `model.visual...`) is accepted too. Loading is strict: every tensor in the files
-is used, every parameter is filled, shapes agree, or a `CheckpointError` names the tensors and the file.
+(the names of transformers < 4.52, which are our module names), sharded through `model.safetensors.index.json`
+or one `model.safetensors`; adapters in `adapters/adapter_model.safetensors` as peft names them,
+`base_model.model.model.language_model.layers.N....lora_{A,B}.<task>.weight`. Loading is strict: every tensor
+in the files is used once, every parameter is filled, shapes agree, or a `CheckpointError` names the tensors
+and the files.
 """
 
 from __future__ import annotations
@@ -18,23 +18,56 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, JinaV4Config, read_json
+from .config import AdapterConfig, JinaV4Config, read_json
 
-FILES = [
-    "config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
-    "model.safetensors.index.json", "model-*.safetensors", "adapters/adapter_config.json",
-    "adapters/adapter_model.safetensors",
-]
+FILES = ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+         "model.safetensors.index.json", "model-*.safetensors", "adapters/adapter_config.json",
+         "adapters/adapter_model.safetensors"]
 CONFIG_FILES = ["config.json", "adapters/adapter_config.json"]
 ADAPTER_FILE = "adapters/adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
 class CheckpointError(ValueError):
     pass
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# ---- the checkpoint-name map, both ways -------------------------------------------------------------------
+# transformers >= 4.52 (the reference's module tree, which peft's target regex and the adapter file use) nests
+# the language model and the vision tower one level deeper than the released weight files and our modules.
+NESTED = (("model.", "model.language_model."), ("visual.", "model.visual."))
+
+
+def reference_name(name: str) -> str:
+    """Our module or parameter name -> the reference's (`model.layers.0...` -> `model.language_model.layers.0...`)."""
+    for ours, theirs in NESTED:
+        if name.startswith(ours) and not name.startswith(theirs):
+            return theirs + name[len(ours):]
+    return name
+
+
+def module_name(name: str) -> str:
+    """The reference's name (or ours, unchanged) -> ours."""
+    for ours, theirs in NESTED:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
+
+
+def adapter_key(name: str) -> str:
+    """Our `<module>.lora_A.<task>` -> its key in adapters/adapter_model.safetensors."""
+    return f"base_model.model.{reference_name(name)}.weight"
+
+
+def adapter_name(key: str) -> str:
+    """A key of adapters/adapter_model.safetensors -> our `<module>.lora_A.<task>` (unrecognised: unchanged)."""
+    if key.startswith("base_model.model.") and key.endswith(".weight"):
+        return module_name(key[len("base_model.model."):-len(".weight")])
+    return key
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -89,54 +122,38 @@ def weight_files(path: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json is present")
 
 
-def read_tensors(file: Path, expected_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file, memory-mapped (no copy until a dtype or device change)."""
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            if expected_keys is not None and set(keys) != set(expected_keys):
-                missing = sorted(set(expected_keys) - set(keys))
-                extra = sorted(set(keys) - set(expected_keys))
-                raise CheckpointError(f"{file}: disagrees with model.safetensors.index.json"
-                                      f"{_names(' lacks', missing)}{_names(' has unlisted', extra)}")
-            return {k: f.get_tensor(k) for k in keys}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-
-
-def base_key(key: str) -> str:
-    """Checkpoint name -> module name: the newer transformers layout maps onto the released one."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    return key
-
-
-def adapter_key(key: str) -> str:
-    """`base_model.model.<module>.lora_A.<task>.weight` -> `<module>.lora_A.<task>` (our ParameterDict entry)."""
-    if key.startswith("base_model.model.") and key.endswith(".weight"):
-        return base_key(key[len("base_model.model."):-len(".weight")])
-    return key  # unrecognised: reported as unexpected
 
 
 def load_checkpoint(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> None:
     """Fill a meta-device model from the checkpoint directory, strictly, by assignment."""
     state: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}  # module name -> "file: tensor name" for messages
+    origin: dict[str, str] = {}  # our name -> "file: tensor name", for messages
 
     def add(file: Path, tensors: dict[str, torch.Tensor], rename) -> None:
         for key, t in tensors.items():
             name = rename(key)
-            if name in state:
-                raise CheckpointError(f"{file.name}: tensor '{key}' duplicates {origin[name]}")
-            state[name], origin[name] = t, f"{file.relative_to(path)}: tensor '{key}'"
+            where = f"{file.relative_to(path)}: tensor '{key}'"
+            if name in state:  # in two shards, or under both the old and the new layout
+                raise CheckpointError(f"{where} duplicates {origin[name]}")
+            state[name], origin[name] = t, where
 
-    for file, keys in weight_files(path).items():
-        add(file, read_tensors(file, keys), base_key)
+    for file, listed in weight_files(path).items():
+        tensors = read_tensors(file)
+        add(file, tensors, module_name)
+        if listed is not None and set(tensors) != set(listed):
+            missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
+            raise CheckpointError(f"{file}: disagrees with model.safetensors.index.json"
+                                  f"{_names(' lacks', missing)}{_names(' has unlisted', extra)}")
     if not (path / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{path}: {ADAPTER_FILE} is missing (the task adapters)")
-    add(path / ADAPTER_FILE, read_tensors(path / ADAPTER_FILE), adapter_key)
+    add(path / ADAPTER_FILE, read_tensors(path / ADAPTER_FILE), adapter_name)
 
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -159,6 +176,3 @@ def _names(label: str, names: list[str], most: int = 5) -> str:
         return ""
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return f"{label}: " + ", ".join(names[:most]) + more
-
-
-__all__ = ["CheckpointError", "ConfigError", "resolve", "load_checkpoint", "to_dtype", "FILES"]

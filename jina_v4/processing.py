@@ -1,135 +1,103 @@
-"""Inputs to token ids and pixels, as the released `JinaEmbeddingsV4Processor` builds them.
+"""Inputs to ready packed batches, as the released `JinaEmbeddingsV4Processor` builds each input.
 
-Text: `"{Query|Passage}: {text}"` through tokenizer.json (no BOS/EOS), truncated on the right.
-Images: RGB -> smart_resize -> uint8 bicubic+antialias resize (bit-identical to the torchvision resize the
-released fast processor runs on CPU) -> (x - 255·mean) / (255·std) in fp32 -> (N, C·t·p·p) patches, with the
-fixed image prompt around t·h·w/4 `<|image_pad|>` tokens. Many items are then packed into one `Batch`.
+Text: `"{Query|Passage}: {text}"` through tokenizer.json (no BOS/EOS), cut on the right at max_length.
+Images: `images.image_patches`, with the fixed image prompt around t·h·w/4 `<|image_pad|>` tokens.
+`prepare` turns inputs into `Item`s; `batches` packs items, longest first under a token budget, into `Batch`es
+that hold everything a forward needs: ids, M-RoPE positions, patches and their layout, pooling spans, image
+rows and the task of each row. The model receives a batch and never calls back here.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import os
-import urllib.request
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
 
-from .config import ConfigError, JinaV4Config, PreprocessorConfig, TokenizerConfig
-from .positions import cumulative, rope_index
+from .config import ConfigError, JinaV4Config, PreprocessorConfig, TokenizerConfig, read_json
+from .images import ImageInput, image_patches, load_image
+from .positions import Segments, VisionLayout, cumulative, rope_index
 
 PREFIXES = {"query": "Query", "passage": "Passage"}
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 MAX_TEXT_TOKENS = 32768  # the reference caps max_length here
-ImageInput = Union[Image.Image, str, os.PathLike, bytes]
 
 
 def text_prompt(text: str, task: str, prompt_name: str) -> str:
-    if prompt_name not in PREFIXES:
-        raise ValueError(f"prompt_name={prompt_name!r} is not one of {list(PREFIXES)}")
     # text-matching is symmetric: both sides use the query prefix.
     return f"{PREFIXES['query' if task == 'text-matching' else prompt_name]}: {text}"
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Both sides to multiples of `factor` (Python's round), area within [min_pixels, max_pixels], aspect kept.
-    Sides under `factor` are scaled up (as transformers >= 4.57; 4.52 raised instead)."""
-    if min(height, width) < 1:
-        raise ValueError(f"image has no pixels ({width}x{height})")
-    if max(height, width) / min(height, width) > 200:
-        aspect = max(height, width) / min(height, width)
-        raise ValueError(f"image aspect ratio {aspect:.1f} is over 200 ({width}x{height})")
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def load_image(image: ImageInput, timeout: float = 30.0) -> Image.Image:
-    """A PIL image, a path, raw bytes or an http(s) URL -> an RGB PIL image (plain `convert("RGB")`)."""
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(image))
-    elif isinstance(image, str) and image.startswith(("http://", "https://")):
-        with urllib.request.urlopen(image, timeout=timeout) as response:
-            img = Image.open(io.BytesIO(response.read()))
-    elif isinstance(image, (str, os.PathLike)):
-        img = Image.open(Path(image))
-    else:
-        raise TypeError(f"expected a PIL image, a path, bytes or a URL, got {type(image).__name__}")
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def image_patches(img: Image.Image, cfg: PreprocessorConfig, max_pixels: int | None = None):
-    """RGB image -> pixel_values (t·h·w, C·t·p·p) fp32 and grid (t, h, w) in patches."""
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    h, w = smart_resize(img.height, img.width, p * m, cfg.min_pixels, max_pixels or cfg.max_pixels)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-    x = x.permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-    # uint8 in, uint8 out: the CPU kernel rounds between its two passes, exactly as torchvision's resize.
-    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0]
-    mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
-    std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
-    x = (x.float() - mean[:, None, None]) / std[:, None, None]  # (3, h, w)
-    gh, gw = h // p, w // p
-    x = x[None].expand(tp, -1, -1, -1)  # a still image is repeated to temporal_patch_size frames
-    x = x.reshape(1, tp, 3, gh // m, m, p, gw // m, m, p)  # (t, tp, c, bh, mh, ph, bw, mw, pw)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, bh, bw, mh, mw, c, tp, ph, pw)
-    return x.reshape(gh * gw, 3 * tp * p * p), (1, gh, gw)
-
-
 @dataclass
 class Item:
-    """One prepared input: token ids, and for an image its patches and grid."""
+    """One prepared input: its task and token ids, and for an image its patches and grid."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    grid: tuple[int, int, int] | None = None
+    task: str
+    pixel_values: torch.Tensor | None = None  # (N, C·t·p·p)
+    grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
+    dropped: int = 0  # tokens cut past max_length
+    offsets: list[tuple[int, int]] = field(default_factory=list, repr=False)  # text: characters of each token
+
+    @property
+    def cost(self) -> int:
+        """What the item adds to a forward: its tokens, and an image's patches."""
+        return len(self.input_ids) + (0 if self.pixel_values is None else len(self.pixel_values))
+
+
+class TaskRows(NamedTuple):
+    """The tasks of a mixed batch: names (k,) and masks (T, k), 1 where a packed row belongs to names[i]."""
+
+    names: list[str]
+    masks: torch.Tensor
 
 
 @dataclass
 class Batch:
-    """Items packed without padding. T tokens, S sequences, N patches."""
+    """S sequences packed without padding into T tokens; P pooled tokens; the N patches of its images."""
 
+    index: list[int]  # (S,) the item each sequence came from
     input_ids: torch.Tensor  # (T,)
-    cu_seqlens: list[int]  # (S+1,) sequence starts in the packed tokens
     position_ids: torch.Tensor  # (3, T) M-RoPE positions
-    pool_mask: torch.Tensor  # (T,) bool: the tokens each single vector averages
-    image_mask: torch.Tensor  # (T,) bool: the tokens that receive image features
+    seqs: Segments  # sequence boundaries
+    task: str | TaskRows  # one task, or the task of each row
+    pool_rows: torch.Tensor  # (P,) the tokens the single vectors average
+    pool_seqs: torch.Tensor  # (P,) the sequence each of them belongs to
+    pool_sizes: torch.Tensor  # (S,) tokens pooled per sequence
+    image_rows: torch.Tensor  # (N/4,) the tokens that receive image features, in patch-merge order
     pixel_values: torch.Tensor | None = None  # (N, C·t·p·p)
-    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    vision: VisionLayout | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        task = self.task if isinstance(self.task, str) else TaskRows(self.task.names, self.task.masks.to(device, dtype))
+        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+                       seqs=self.seqs.to(device), task=task, pool_rows=move(self.pool_rows),
+                       pool_seqs=move(self.pool_seqs), pool_sizes=move(self.pool_sizes),
+                       image_rows=move(self.image_rows), pixel_values=move(self.pixel_values),
+                       vision=None if self.vision is None else self.vision.to(device))
 
 
 def token_batches(items: list[Item], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
-    """Item indices, longest first, cut into batches of at most `max_tokens` tokens (an image also counts its
-    patches) and, when given, `batch_size` items. Causal attention pads a batch to its longest sequence, so
-    items x longest stays within `max_tokens` too: one long text never drags a crowd of short ones along."""
+    """Item indices, longest first, cut into batches of at most `max_tokens` (tokens + patches) and, when given,
+    `batch_size` items. Items x longest stays within `max_tokens` too, which bounds a padded attention call:
+    one long text never drags a crowd of short ones along."""
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    cost = [len(it.input_ids) + (0 if it.pixel_values is None else len(it.pixel_values)) for it in items]
     batches: list[list[int]] = []
     used = longest = 0
-    for i in sorted(range(len(items)), key=lambda i: -cost[i]):
+    for i in sorted(range(len(items)), key=lambda i: -items[i].cost):
         n = len(items[i].input_ids)
-        if (not batches or used + cost[i] > max_tokens or len(batches[-1]) == batch_size
+        if (not batches or used + items[i].cost > max_tokens or len(batches[-1]) == batch_size
                 or (len(batches[-1]) + 1) * max(longest, n) > max_tokens):
             batches.append([])
             used = longest = 0
         batches[-1].append(i)
-        used, longest = used + cost[i], max(longest, n)
+        used, longest = used + items[i].cost, max(longest, n)
     return batches
 
 
@@ -137,19 +105,18 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, config: JinaV4Config, image_cfg: PreprocessorConfig,
                  tokenizer_cfg: TokenizerConfig):
         self.tokenizer, self.config, self.image_cfg = tokenizer, config, image_cfg
+        tokenizer.no_truncation()  # truncation is per call (`tokenize`), never state shared between calls
+        tokenizer.no_padding()
         self.pad_token_id = self._token_id(tokenizer_cfg.pad_token, "tokenizer_config.json: key 'pad_token'")
-        for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
-            token = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
-                     "vision_end_token_id": "<|vision_end|>"}[key]
+        for key, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                           ("vision_end_token_id", "<|vision_end|>")):
             if self._token_id(token, "tokenizer.json") != getattr(config, key):
                 raise ConfigError(f"config.json: key '{key}' is {getattr(config, key)}, but tokenizer.json "
                                   f"maps {token} to {tokenizer.token_to_id(token)}")
-        self.image_prompt = self.tokenize([IMAGE_PROMPT], MAX_TEXT_TOKENS)[0]
+        self.image_prompt = self.tokenize([IMAGE_PROMPT])[0].input_ids
 
     @classmethod
     def from_dir(cls, path: Path, config: JinaV4Config) -> "Processor":
-        from .config import read_json
-
         try:
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
@@ -163,59 +130,113 @@ class Processor:
             raise ConfigError(f"{where}: token {token!r} is not in the vocabulary")
         return i
 
-    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        return [e.ids for e in self.encode(texts, max_length)]
+    def tasks(self, task: str | Sequence[str] | None, n: int) -> list[str]:
+        names = list(self.config.task_names)
+        if task is None:
+            raise ValueError(f"no task given: pass task=... or set model.task to one of {names}")
+        tasks = [task] * n if isinstance(task, str) else list(task)
+        if len(tasks) != n:
+            raise ValueError(f"task: got {len(tasks)} tasks for {n} inputs")
+        for t in tasks:
+            if t not in names:
+                raise ValueError(f"unknown task {t!r}: valid tasks are {names}")
+        return tasks
 
-    def encode(self, texts: list[str], max_length: int):
-        """tokenizers Encodings (ids, character offsets), truncated on the right at min(max_length, 32768)."""
+    def tokenize(self, prompts: list[str], max_length: int = MAX_TEXT_TOKENS, task: str = "") -> list[Item]:
+        """Prompts -> Items (ids and character offsets), cut on the right at min(max_length, 32768) exactly as
+        the tokenizer's own truncation would cut them (no special tokens are added)."""
         if not (isinstance(max_length, int) and max_length > 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        self.tokenizer.enable_truncation(min(max_length, MAX_TEXT_TOKENS))
-        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        n = min(max_length, MAX_TEXT_TOKENS)
+        return [Item(e.ids[:n], task, dropped=max(0, len(e.ids) - n), offsets=e.offsets[:n])
+                for e in self.tokenizer.encode_batch(prompts, add_special_tokens=True)]
 
-    def image_item(self, image: ImageInput, max_pixels: int | None = None) -> Item:
+    def image_item(self, image: ImageInput, task: str, max_pixels: int | None = None) -> Item:
         pixels, grid = image_patches(load_image(image), self.image_cfg, max_pixels)
         pad, n = self.config.image_token_id, grid[0] * grid[1] * grid[2] // self.image_cfg.merge_size**2
         i = self.image_prompt.index(pad)
-        ids = self.image_prompt[:i] + [pad] * n + self.image_prompt[i + 1:]
-        return Item(ids, pixels, grid)
+        return Item(self.image_prompt[:i] + [pad] * n + self.image_prompt[i + 1:], task, pixels, grid)
 
-    def collate(self, items: list[Item]) -> Batch:
+    def prepare(self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None,
+                prompt_name: str | None = None, max_length: int = MAX_TEXT_TOKENS, max_pixels: int | None = None,
+                errors: str = "raise", name: str = "inputs") -> list[Any]:
+        """Inputs -> one `Item` each. A str is text; a PIL image, Path or bytes is an image; {"text": s} and
+        {"image": path_or_url} say it explicitly. A bad input raises an error naming it (`inputs[3] ('...'):
+        ...`), or with errors="return" stands in the list as its exception. A text over max_length is cut on
+        the right, with a warning."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors={errors!r} is not 'raise' or 'return'")
+        prompt_name = prompt_name or "query"
+        if prompt_name not in PREFIXES:
+            raise ValueError(f"prompt_name={prompt_name!r} is not one of {list(PREFIXES)}")
+        inputs = as_list(inputs, name)
+        tasks = self.tasks(task, len(inputs))
+        texts: dict[int, str] = {}
+        items: list[Any] = [None] * len(inputs)
+        for i, x in enumerate(inputs):
+            kind, value = next(iter(x.items())) if isinstance(x, dict) and len(x) == 1 else (None, x)
+            try:
+                if kind == "text" or (kind is None and isinstance(x, str)):
+                    texts[i] = text_prompt(checked_text(value, f"{name}[{i}]"), tasks[i], prompt_name)
+                elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
+                    try:
+                        items[i] = self.image_item(value, tasks[i], max_pixels)
+                    except Exception as e:
+                        raise InputError(f"{name}[{i}]", value, f"{type(e).__name__}: {e}") from e
+                else:
+                    raise TypeError(f"{name}[{i}] is neither text nor an image: {describe(x)}")
+            except (TypeError, ValueError) as e:
+                if errors == "raise":
+                    raise
+                items[i] = e
+        for i, item in zip(texts, self.tokenize(list(texts.values()), max_length)):
+            items[i] = replace(item, task=tasks[i])
+            if item.dropped:
+                warnings.warn(f"{name}[{i}] ({describe(texts[i].split(': ', 1)[1])}): {item.dropped} tokens past "
+                              f"max_length={min(max_length, MAX_TEXT_TOKENS)} were dropped", stacklevel=3)
+        return items
+
+    def batches(self, items: list[Item], max_tokens: int, batch_size: int | None = None) -> Iterator[Batch]:
+        for index in token_batches(items, max_tokens, batch_size):
+            yield self.collate([items[i] for i in index], index)
+
+    def collate(self, items: list[Item], index: list[int] | None = None) -> Batch:
+        """Items -> one packed Batch (`index`: the items' numbers in the caller's list, default 0..S-1)."""
         cfg, merge = self.config, self.image_cfg.merge_size
-        positions, pool, image = [], [], []
-        for it in items:
-            ids = torch.tensor(it.input_ids)
+        seqs = Segments(cumulative([len(it.input_ids) for it in items]))
+        positions, pool = [], []
+        for it, start in zip(items, seqs.cu):
             if it.grid is None:  # text: 1-D positions, pool every token
-                positions.append(torch.arange(len(ids)).expand(3, -1))
-                pool.append(torch.ones(len(ids), dtype=torch.bool))
-                image.append(torch.zeros(len(ids), dtype=torch.bool))
+                positions.append(torch.arange(len(it.input_ids)).expand(3, -1))
+                pool.append(torch.arange(len(it.input_ids)) + start)
             else:  # image: 3-D positions, pool vision_start .. vision_end inclusive
                 positions.append(rope_index(it.input_ids, [it.grid], cfg.image_token_id, merge))
-                start = it.input_ids.index(cfg.vision_start_token_id)
-                end = it.input_ids.index(cfg.vision_end_token_id, start)
-                span = torch.arange(len(ids))
-                pool.append((span >= start) & (span <= end))
-                image.append(ids == cfg.image_token_id)
-        pixels = [it.pixel_values for it in items if it.grid is not None]
+                a = it.input_ids.index(cfg.vision_start_token_id)
+                pool.append(torch.arange(a, it.input_ids.index(cfg.vision_end_token_id, a) + 1) + start)
+        ids = torch.tensor([t for it in items for t in it.input_ids], dtype=torch.long)
+        names = sorted({it.task for it in items})
+        if len(names) == 1:
+            task: str | TaskRows = names[0]
+        else:
+            seq_task = torch.tensor([names.index(it.task) for it in items])
+            rows = torch.repeat_interleave(seq_task, torch.tensor(seqs.lengths))
+            task = TaskRows(names, (rows[:, None] == torch.arange(len(names))).float())
+        images = [it for it in items if it.grid is not None]
+        v = cfg.vision_config
         return Batch(
-            input_ids=torch.tensor([t for it in items for t in it.input_ids]),
-            cu_seqlens=cumulative([len(it.input_ids) for it in items]),
+            index=list(range(len(items))) if index is None else index,
+            input_ids=ids,
             position_ids=torch.cat(positions, dim=1),
-            pool_mask=torch.cat(pool),
-            image_mask=torch.cat(image),
-            pixel_values=torch.cat(pixels) if pixels else None,
-            grids=[it.grid for it in items if it.grid is not None],
+            seqs=seqs,
+            task=task,
+            pool_rows=torch.cat(pool),
+            pool_seqs=torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(p) for p in pool])),
+            pool_sizes=torch.tensor([len(p) for p in pool]),
+            image_rows=(ids == cfg.image_token_id).nonzero().flatten(),
+            pixel_values=torch.cat([it.pixel_values for it in images]) if images else None,
+            vision=VisionLayout([it.grid for it in images], v.window_size // merge // v.patch_size, merge)
+            if images else None,
         )
-
-    def pad(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (B, L) input_ids and attention_mask, as the reference processor returns them."""
-        L = max(len(it.input_ids) for it in items)
-        ids = torch.full((len(items), L), self.pad_token_id)
-        mask = torch.zeros(len(items), L, dtype=torch.long)
-        for b, it in enumerate(items):
-            ids[b, : len(it.input_ids)] = torch.tensor(it.input_ids)
-            mask[b, : len(it.input_ids)] = 1
-        return ids, mask
 
 
 def as_list(xs: Any, what: str) -> list:
@@ -242,7 +263,11 @@ def checked_text(text: Any, where: str) -> str:
     return text
 
 
-def describe(x: Any, width: int = 40) -> str:
-    """A short preview of an input for error messages."""
-    s = repr(x) if not isinstance(x, Image.Image) else f"<PIL image {x.mode} {x.width}x{x.height}>"
+def preview(s: str, width: int = 40) -> str:
+    """s, cut to `width` characters with an ellipsis."""
     return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def describe(x: Any, width: int = 40) -> str:
+    """A short preview of an input for messages."""
+    return preview(repr(x) if not isinstance(x, Image.Image) else f"<PIL image {x.mode} {x.width}x{x.height}>", width)

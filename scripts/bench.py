@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import real_width, write_checkpoint  # noqa: E402
 
 from jina_v4 import JinaV4  # noqa: E402
-from jina_v4.processing import image_patches, load_image  # noqa: E402
+from jina_v4.images import image_patches, load_image  # noqa: E402
 
 TASK = "retrieval"
 
@@ -163,19 +163,15 @@ def flop_ratio(model, lengths: list[int], runs: int, device) -> tuple[float, flo
 
     cfg = model.config.text_config
     rng = np.random.default_rng(0)
-    items = [Item(rng.integers(0, 1000, n).tolist()) for n in lengths]
+    items = [Item(rng.integers(0, 1000, n).tolist(), TASK) for n in lengths]
     batch = model.processor.collate(items)
     T = sum(lengths)
     shapes = linear_shapes(model)
     flops = sum(2 * T * i * o for i, o in shapes)
     flops += cfg.num_hidden_layers * sum(2 * 2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1) / 2
                                          for n in lengths)
-    with torch.inference_mode():
-        model.merge(TASK)  # one task: the LoRA folded into the weights, as encode_* does for large calls
-        try:
-            t_fwd, _ = measure(lambda: model.forward(batch, TASK), runs, device)
-        finally:
-            model.merge(None)
+    with torch.inference_mode():  # as encode_* runs it: the task's LoRA unmerged (its FLOPs are not counted)
+        t_fwd, _ = measure(lambda: model.forward(batch), runs, device)
         ws = {(i, o): torch.randn(o, i, dtype=model.dtype, device=device) for i, o in set(shapes)}
         xs = {i: torch.randn(T, i, dtype=model.dtype, device=device) for i, _ in set(shapes)}
 

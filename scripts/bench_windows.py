@@ -14,9 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from jina_v4.layers import varlen_attention
-from jina_v4.positions import cumulative, window_index
-from jina_v4.processing import smart_resize
+from jina_v4.images import smart_resize
+from jina_v4.layers import attention
+from jina_v4.positions import Segments, cumulative, window_index
 
 
 def padded(q, k, v, cu):
@@ -69,9 +69,9 @@ def main() -> None:
         N = grid[1] * grid[2]
         q, k, v = (torch.randn(N, 16, 80, dtype=dtype, device=args.device) for _ in range(3))
         ref = per_window(q, k, v, cu)
-        for out in (varlen_attention(q, k, v, cu, False), padded(q, k, v, cu)):
+        for out in (attention(q, k, v, Segments(cu), False), padded(q, k, v, cu)):
             assert (out - ref).abs().max() < 1e-2
-        a = timeit(lambda: varlen_attention(q, k, v, cu, False), args.repeat)
+        a = timeit(lambda: attention(q, k, v, Segments(cu), False), args.repeat)
         b = timeit(lambda: padded(q, k, v, cu), args.repeat)
         c = timeit(lambda: per_window(q, k, v, cu), args.repeat)
         print(f"{h:>5}x{w:<6} {N:>8} {len(lengths):>8} {a:>12.4f} {b:>14.4f} {c:>13.4f}")

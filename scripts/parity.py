@@ -106,7 +106,7 @@ def run_reference(model_id, device, dtype, texts, images, remote_code: bool) -> 
     from reference import Reference
 
     from jina_v4.loading import resolve
-    from jina_v4.processing import image_patches, load_image
+    from jina_v4.images import image_patches, load_image
     from jina_v4.config import PreprocessorConfig, read_json
 
     path = resolve(model_id)

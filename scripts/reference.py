@@ -1,9 +1,10 @@
 """The reference oracle: transformers 4.52.4 Qwen2.5-VL + peft 0.15.2 (one LoRA adapter per task, named after
 the task) + the released pooling rules (modeling_jina_embeddings_v4.py), loaded from a checkpoint directory
-in the released layout. Used by the tests and by scripts/parity.py; jina_v4 never imports it.
+in the released layout. Used by the tests and by scripts/parity.py; jina_v4 never imports it (it shares only jina_v4's
+checkpoint-name map, so that both sides read the files under the same names).
 
 Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positions: the released code's
-`hidden_states[-1]` without the LM head (SPEC.md §13).
+`hidden_states[-1]` without the LM head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from transformers import AutoTokenizer
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+from jina_v4.loading import module_name, reference_name  # the one checkpoint-name map, both ways
 
 PREFIX = {"query": "Query", "passage": "Passage"}
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
@@ -42,14 +45,7 @@ class RefModel(nn.Module):
 
 def released_state_dict(ref: RefModel) -> dict[str, torch.Tensor]:
     """Module names -> the released checkpoint names (pre-4.52 layout: `model.*` for the LM, `visual.*`)."""
-    out = {}
-    for k, v in ref.state_dict().items():
-        if k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        elif k.startswith("model.visual."):
-            k = k[len("model."):]
-        out[k] = v
-    return out
+    return {module_name(k): v for k, v in ref.state_dict().items()}
 
 
 def add_task_adapters(ref: RefModel, adapter_cfg: dict, tasks: list[str]):
@@ -82,8 +78,7 @@ class Reference:
             "model.safetensors"]
         for f in files:
             weights.update(load_file(path / f))
-        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
-                    "model." + k if k.startswith("visual.") else k): v.to(dtype) for k, v in weights.items()}
+        renamed = {reference_name(k): v.to(dtype) for k, v in weights.items()}
         self.ref.load_state_dict(renamed, strict=True)
         adapter_cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
         self.tasks = cfg["task_names"]

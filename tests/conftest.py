@@ -50,3 +50,32 @@ def models(checkpoints):
 @pytest.fixture(params=[t.name for t in CONFIGS])
 def name(request):
     return request.param
+
+
+def padded_hidden_states(model, input_ids, attention_mask=None, task="retrieval", pixel_values=None,
+                         image_grid_thw=None, all_layers=False):
+    """The reference's `get_last_hidden_states` form through jina_v4's packed forward: right-padded (B, L) ids
+    -> (B, L, D) final-normed states, zero at padding (or every layer's, num_hidden_layers + 1 tensors).
+    Image rows take their patches and grids in row order."""
+    from jina_v4.processing import Item
+
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
+    items, start = [], 0
+    for row, m in zip(input_ids, mask):
+        item = Item(row[m.bool()].tolist(), task)
+        if model.config.image_token_id in item.input_ids:
+            item.grid = grids.pop(0)
+            n = item.grid[0] * item.grid[1] * item.grid[2]
+            item.pixel_values, start = pixel_values[start:start + n], start + n
+        items.append(item)
+    layers = [] if all_layers else None
+    with torch.inference_mode():
+        h = model(model.processor.collate(items), hidden_states=layers)
+
+    def unpack(x):  # (T, D) -> (B, L, D)
+        out = x.new_zeros(*input_ids.shape, x.shape[-1])
+        out[mask.bool()] = x
+        return out
+
+    return [unpack(x) for x in layers] if all_layers else unpack(h)

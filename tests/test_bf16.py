@@ -1,4 +1,4 @@
-"""bf16 jina_v4 (all the speed paths: packed batches, fused LoRA, auto-merged weights) against the fp32
+"""bf16 jina_v4 (all the speed paths: packed batches, fused LoRA, merged weights) against the fp32
 reference stays within the bf16 tolerance of NOTES.md, the gates of scripts/parity.py."""
 
 import pytest

@@ -10,10 +10,11 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 from jina_v4.config import JinaV4Config
-from jina_v4.layers import RMSNorm, apply_rope, varlen_attention
+from jina_v4.layers import RMSNorm, attention
 from jina_v4.lora import LoRALinear
-from jina_v4.positions import rope_index
-from jina_v4.text import DecoderLayer, mrope_cos_sin
+from jina_v4.positions import Segments, apply_rope, mrope_cos_sin, rope_index
+from jina_v4.processing import TaskRows
+from jina_v4.text import DecoderLayer
 
 torch.manual_seed(0)
 
@@ -64,7 +65,7 @@ def test_decoder_layer(checkpoints, name):
             c, s = mrope_cos_sin(torch.cat([pos[:, i, :m] for i, m in enumerate(lengths)], 1), ours_cfg.head_dim,
                                  ours_cfg.rope_theta, ours_cfg.mrope_section, torch.float32)
             cu = [0, 9, 13, 26]
-            got = ours(packed, c, s, cu, task=None)[cu[b]:cu[b + 1]]
+            got = ours(packed, c, s, Segments(cu), task=None)[cu[b]:cu[b + 1]]
             assert (got - expected).abs().max() <= 1e-5
 
 
@@ -76,7 +77,8 @@ def test_lora_layer():
     for p in peft_model.parameters():
         p.data.normal_(0, 0.3)
     ours = LoRALinear(24, 40)
-    ours.add_tasks(["t1", "t2"], 4, 12 / 4)
+    ours.add_tasks(["t1", "t2"], 4)
+    ours.scaling = 12 / 4
     layer = peft_model.base_model.model[0]
     ours.weight.data.copy_(layer.base_layer.weight), ours.bias.data.copy_(layer.base_layer.bias)
     for t in ("t1", "t2"):
@@ -92,11 +94,10 @@ def test_lora_layer():
             ours.merge(t)
             assert (ours(x, t) - expected).abs().max() <= 1e-5
             ours.merge(None)
-        rows = [("t1", torch.tensor([0, 2, 4, 6, 8])), ("t2", torch.tensor([1, 3, 5, 7, 9]))]
-        mixed = ours(x, rows)
-        # the mixed path sums the low-rank term separately, the single-task one inside the GEMM: rounding only
-        assert (mixed[::2] - ours(x, "t1")[::2]).abs().max() <= 1e-6
-        assert (mixed[1::2] - ours(x, "t2")[1::2]).abs().max() <= 1e-6
+        rows = (torch.arange(10) % 2)[:, None] == torch.arange(2)  # even rows t1, odd rows t2
+        mixed = ours(x, TaskRows(["t1", "t2"], rows.float()))
+        # masked rows get exactly 0 added, so each row equals the single-task result bit for bit
+        assert torch.equal(mixed[::2], ours(x, "t1")[::2]) and torch.equal(mixed[1::2], ours(x, "t2")[1::2])
     with pytest.raises(ValueError, match="pass task="):
         ours(x)
 
@@ -113,7 +114,7 @@ def test_rope_index_text_with_padding(checkpoints):
         assert torch.equal(got, expected[:, b, :n])
 
 
-def test_varlen_attention_matches_dense_masks():
+def test_packed_attention_matches_dense_masks():
     lengths = [3, 7, 1, 5]
     T, cu = sum(lengths), [0, 3, 10, 11, 16]
     q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
@@ -124,4 +125,4 @@ def test_varlen_attention_matches_dense_masks():
         dense = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
             attn_mask=mask)
-        assert (varlen_attention(q, k, v, cu, causal) - dense.transpose(0, 1)).abs().max() <= 1e-6
+        assert (attention(q, k, v, Segments(cu), causal) - dense.transpose(0, 1)).abs().max() <= 1e-6

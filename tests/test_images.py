@@ -17,8 +17,8 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from jina_v4.config import PreprocessorConfig
-from jina_v4.positions import rope_index, window_index
-from jina_v4.processing import image_patches, load_image, smart_resize
+from jina_v4.images import image_patches, load_image, smart_resize
+from jina_v4.positions import VisionLayout, rope_index, vision_cos_sin, window_index
 from synthetic import RELEASED
 
 TOL = 1e-5
@@ -57,7 +57,8 @@ def test_smart_resize_matches_transformers(h, w):
 
 
 def test_released_token_counts():
-    """Sequence lengths the real model produced for these sizes (SPEC §5.3, MAZ's measurements)."""
+    """Sequence lengths the real model produced for these sizes (measured on the released model by the
+    jina-embeddings-v4 vLLM plugin's validation: 75, 110, 1258 tokens)."""
     for (h, w), max_pixels, rows in [((224, 224), None, 75), ((240, 320), None, 110),
                                      ((1600, 2400), 1_003_520, 1258), ((1600, 2400), None, 737)]:
         rh, rw = smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels or IMAGE_CFG.max_pixels)
@@ -65,7 +66,7 @@ def test_released_token_counts():
 
 
 def reference_resize_path(img, max_pixels=None):
-    """The released fast processor on CPU, step by step (SPEC §5.2, §13): PIL -> uint8 CHW -> torchvision's
+    """The released fast processor on CPU, step by step: PIL -> uint8 CHW -> torchvision's
     uint8 bicubic+antialias, which is `interpolate` on uint8 -> fused normalisation -> patch flattening."""
     rh, rw = hf_smart_resize(img.height, img.width, 28, IMAGE_CFG.min_pixels, max_pixels or IMAGE_CFG.max_pixels)
     x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
@@ -152,29 +153,29 @@ def hf_vision(cfg_dict):
                                  rotary_pos_emb=hf.Qwen2_5_VisionRotaryEmbedding(v.hidden_size // v.num_heads // 2))
 
 
-def test_window_index_and_seqlens(models, checkpoints):
-    tower = models("gqa2-sharded").visual
+def test_window_index_and_seqlens(checkpoints):
     ref = hf_vision(json.loads((checkpoints["gqa2-sharded"] / "config.json").read_text()))
     for grids in [[g] for g in GRIDS] + [GRIDS[:4], GRIDS[3:]]:
         thw = torch.tensor(grids)
         index, cu_window = hf.Qwen2_5_VisionTransformerPretrainedModel.get_window_index(ref, thw)
         cu_window = torch.unique_consecutive(torch.tensor(cu_window)).tolist()
         cu_full = torch.nn.functional.pad(torch.repeat_interleave(thw[:, 1] * thw[:, 2], thw[:, 0]).cumsum(0), (1, 0))
-        ours_index, ours_window, ours_full = tower.windows(grids)
-        assert torch.equal(ours_index, index)
-        assert ours_window == cu_window and ours_full == cu_full.tolist()
-        assert torch.equal(torch.sort(ours_index).values, torch.arange(len(ours_index)))  # a permutation
-    # SPEC §8.3's worked example: 16x16 patches -> four 4x4-unit windows
+        layout = VisionLayout(grids, 4, 2)
+        assert torch.equal(layout.index, index)
+        assert layout.windows.cu == cu_window and layout.images.cu == cu_full.tolist()
+        assert torch.equal(torch.sort(layout.index).values, torch.arange(len(layout.index)))  # a permutation
+    # 16x16 patches -> four 4x4-unit windows
     assert window_index((1, 16, 16), 4, 2)[0][:8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
 
 
-def test_vision_rotary(models, checkpoints):
-    tower = models("gqa4-single").visual
-    ref = hf_vision(json.loads((checkpoints["gqa4-single"] / "config.json").read_text()))
+def test_vision_rotary(checkpoints):
+    cfg = json.loads((checkpoints["gqa4-single"] / "config.json").read_text())
+    ref = hf_vision(cfg)
+    head_dim = cfg["vision_config"]["hidden_size"] // cfg["vision_config"]["num_heads"]
     for grids in [[g] for g in GRIDS] + [GRIDS]:
         theta = hf.Qwen2_5_VisionTransformerPretrainedModel.rot_pos_emb(ref, torch.tensor(grids))
         emb = torch.cat((theta, theta), dim=-1)
-        cos, sin = tower.rotary(grids)
+        cos, sin = vision_cos_sin(VisionLayout(grids, 4, 2).positions, head_dim, torch.float32)
         assert torch.equal(cos, emb.cos()) and torch.equal(sin, emb.sin())
 
 
@@ -182,7 +183,7 @@ def test_rope_index_with_images_and_padding(checkpoints):
     cfg = json.loads((checkpoints["gqa2-sharded"] / "config.json").read_text())
     model = types.SimpleNamespace(config=Qwen2_5_VLConfig.from_dict(cfg))
     pad, start, end = cfg["image_token_id"], cfg["vision_start_token_id"], cfg["vision_end_token_id"]
-    rows = [([5, 6, 7, start] + [pad] * 6 + [end, 1, 2, 3, 4, 5, 6], [(1, 4, 6)]),  # SPEC §8.2's example
+    rows = [([5, 6, 7, start] + [pad] * 6 + [end, 1, 2, 3, 4, 5, 6], [(1, 4, 6)]),  # the worked example in NOTES
             ([1, 2, 3], []),  # text only, padded
             ([start] + [pad] * 20 + [end] + [4] * 30, [(1, 10, 8)]),
             ([9, start] + [pad] * 4 + [end, 3, start] + [pad] * 6 + [end], [(1, 4, 4), (1, 4, 6)])]
@@ -225,7 +226,7 @@ def test_image_parity(name, models, references, task):
 def test_image_ids_match_reference(models, references):
     model, ref = models("gqa2-sharded"), references("gqa2-sharded")
     for h, w in SIZES:
-        item = model.processor.image_item(picture(h, w))
+        item = model.processor.image_item(picture(h, w), "code")
         assert item.input_ids == ref.image_batch(item.grid)["input_ids"][0].tolist()
 
 

@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jina_v4.late import chunk_token_mask, maxsim, pad_multivectors, sentence_spans, token_chunks
+from conftest import padded_hidden_states
+from jina_v4 import encode_chunks, similarity_map
+from jina_v4.chunking import chunk_token_mask, sentence_spans, token_chunks
+from jina_v4.scoring import maxsim, pad_multivectors
 
 torch.manual_seed(0)
 
@@ -78,7 +81,7 @@ DOC = ("Coastal cities face rising seas. Storm surges grow stronger every decade
 @pytest.mark.parametrize("chunks", ["sentences", 7, [(0, 10), (10, 60), (60, len(DOC))]])
 def test_late_chunking_equals_reference_hidden_states(name, models, references, chunks):
     model, ref = models(name), references(name)
-    vecs, spans = model.encode_chunks(DOC, chunks=chunks, task="retrieval")
+    vecs, spans = encode_chunks(model, DOC, chunks=chunks, task="retrieval")
     b = ref.text_batch([DOC], "retrieval", "passage")
     h = ref.hidden(b["input_ids"], b["attention_mask"], "retrieval")[0]
     # the reference tokenizer's own offsets, shifted past "Passage: "; a token goes to the chunk of its first char
@@ -96,10 +99,10 @@ def test_late_chunking_equals_reference_hidden_states(name, models, references, 
 def test_late_chunking_errors(models):
     model = models("gqa2-sharded")
     with pytest.raises(ValueError, match=r"chunk span \(5, 3\)"):
-        model.encode_chunks(DOC, chunks=[(5, 3)], task="code")
+        encode_chunks(model, DOC, chunks=[(5, 3)], task="code")
     with pytest.raises(ValueError, match="has no tokens left after truncation at max_length=8"):
-        model.encode_chunks(DOC, chunks="sentences", task="code", max_length=8)
-    v, _ = model.encode_chunks(DOC, task="code", truncate_dim=16)
+        encode_chunks(model, DOC, chunks="sentences", task="code", max_length=8)
+    v, _ = encode_chunks(model, DOC, task="code", truncate_dim=16)
     assert v.shape[1] == 16 and torch.allclose(v.norm(dim=-1), torch.ones(len(v)))
 
 
@@ -108,8 +111,8 @@ def test_similarity_map(models):
 
     model = models("gqa2-sharded")
     img = Image.new("RGB", (150, 100), (120, 30, 200))
-    heat = model.similarity_map("a purple page", img, task="retrieval")
-    item = model.processor.image_item(img)
+    heat = similarity_map(model, "a purple page", img, task="retrieval")
+    item = model.processor.image_item(img, "retrieval")
     assert heat.shape == (item.grid[1] // 2, item.grid[2] // 2)
     q = model.encode_text("a purple page", task="retrieval", return_multivector=True)
     d = model.encode_image(img, task="retrieval", return_multivector=True)
@@ -121,7 +124,7 @@ def test_similarity_map(models):
 def test_all_hidden_states_match_reference(models, references):
     model, ref = models("gqa4-single"), references("gqa4-single")
     b = ref.text_batch(["one text", "and a second, longer text"], "code")
-    ours = model.last_hidden_states(b["input_ids"], b["attention_mask"], task="code", output_hidden_states=True)
+    ours = padded_hidden_states(model, b["input_ids"], b["attention_mask"], task="code", all_layers=True)
     theirs = ref.hidden(b["input_ids"], b["attention_mask"], "code", output_hidden_states=True)
     assert len(ours) == len(theirs) == model.config.text_config.num_hidden_layers + 1
     m = b["attention_mask"].bool()
@@ -132,11 +135,11 @@ def test_all_hidden_states_match_reference(models, references):
 def test_bidirectional_switch_matches_reference_with_full_mask(models, references):
     model, ref = models("gqa2-sharded"), references("gqa2-sharded")
     b = ref.text_batch(["attention both ways"], "retrieval")
-    causal = model.last_hidden_states(b["input_ids"], task="retrieval")
+    causal = padded_hidden_states(model, b["input_ids"], task="retrieval")
     for layer in model.model.layers:
         layer.self_attn.causal = False
     try:
-        both_ways = model.last_hidden_states(b["input_ids"], task="retrieval")
+        both_ways = padded_hidden_states(model, b["input_ids"], task="retrieval")
     finally:
         for layer in model.model.layers:
             layer.self_attn.causal = True
@@ -157,7 +160,7 @@ def test_add_task_starts_as_the_base_model(checkpoints, references):
     model.add_task("legal")
     ref = references("gqa2-sharded")
     b = ref.text_batch(["a contract clause"], "retrieval")
-    got = model.last_hidden_states(b["input_ids"], task="legal")
+    got = padded_hidden_states(model, b["input_ids"], task="legal")
     with torch.no_grad(), ref.peft.disable_adapter():
         pos = torch.arange(b["input_ids"].shape[1]).expand(3, 1, -1)
         base = ref.ref.model(input_ids=b["input_ids"], position_ids=pos).last_hidden_state

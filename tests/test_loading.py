@@ -11,7 +11,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from jina_v4 import AdapterConfig, CheckpointError, ConfigError, JinaV4, JinaV4Config
-from jina_v4.loading import adapter_key
+from jina_v4.loading import adapter_key, adapter_name
 from synthetic import RELEASED
 
 TASKS = ["retrieval", "text-matching", "code"]
@@ -47,13 +47,14 @@ def test_full_size_adapter_tensors(full_size):
     assert len(lora) == 1518
     for task in TASKS:
         assert sum(torch.Size(s).numel() for k, s in lora.items() if k.endswith("." + task)) == 59_936_768
-    # the released adapter file's names (SPEC.md §4.2) map exactly onto these parameters
+    # the released adapter file's names map exactly onto these parameters, and back
     released = [f"base_model.model.model.language_model.layers.{i}.{m}.lora_{ab}.{t}.weight"
                 for i in range(36) for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
                 for ab in "AB" for t in TASKS]
     released += [f"base_model.model.multi_vector_projector.lora_{ab}.{t}.weight" for ab in "AB" for t in TASKS]
-    assert sorted(adapter_key(k) for k in released) == sorted(lora)
+    assert sorted(adapter_name(k) for k in released) == sorted(lora)
+    assert sorted(adapter_key(k) for k in lora) == sorted(released)
     assert lora["model.layers.0.mlp.down_proj.lora_A.code"] == (32, 11008)
     assert lora["multi_vector_projector.lora_B.retrieval"] == (128, 32)
 

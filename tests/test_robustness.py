@@ -57,7 +57,7 @@ def test_lone_surrogate(model):
 def test_text_over_max_length_warns_and_truncates(model, references):
     ref = references("gqa2-sharded")
     text = "a long text " * 40
-    n = len(model.processor.tokenize([f"Query: {text}"], 32768)[0])
+    n = len(model.processor.tokenize([f"Query: {text}"])[0].input_ids)
     with pytest.warns(UserWarning, match=rf"texts\[0\] \('a long text .*\.\.\.\): {n - 20} tokens past max_length=20 "
                                          r"were dropped"):
         got = model.encode_text([text, "short"], task="code", max_length=20)

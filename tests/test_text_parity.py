@@ -1,8 +1,9 @@
-"""Text parity in fp32 on CPU against transformers + peft, run one text at a time (SPEC.md §1, §7, §13)."""
+"""Text parity in fp32 on CPU against transformers + peft, run one text at a time."""
 
 import pytest
 import torch
 
+from conftest import padded_hidden_states
 from jina_v4.processing import Item, token_batches
 
 TOL = 1e-5
@@ -48,14 +49,14 @@ def test_prefixes(models, references):
     q = model.encode_text(TEXTS[:2], task="retrieval", prompt_name="query")
     p = model.encode_text(TEXTS[:2], task="retrieval", prompt_name="passage")
     assert (q - p).abs().max() > 1e-3
-    ids = model.processor.tokenize(["Passage: hello"], 100)[0]
+    ids = model.processor.tokenize(["Passage: hello"], 100)[0].input_ids
     assert ids == ref.tokenizer("Passage: hello")["input_ids"]
 
 
 def test_tokenization_matches_reference(name, models, references):
     model, ref = models(name), references(name)
     prompts = [f"Query: {t}" for t in TEXTS] + ["<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>x"]
-    assert model.processor.tokenize(prompts, 32768) == [ref.tokenizer(p)["input_ids"] for p in prompts]
+    assert [it.input_ids for it in model.processor.tokenize(prompts)] == [ref.tokenizer(p)["input_ids"] for p in prompts]
 
 
 @pytest.mark.filterwarnings("ignore:.*tokens past max_length")  # the warning itself: test_robustness.py
@@ -133,13 +134,13 @@ def test_return_conventions(models):
     try:
         assert torch.equal(model.encode_text("hi"), model.encode_text("hi", task="code"))
     finally:
-        model._task = None
+        model.task = None
 
 
 def test_last_hidden_states_matches_reference(name, models, references):
     model, ref = models(name), references(name)
     batch = ref.text_batch(TEXTS, "retrieval")
-    ours = model.last_hidden_states(batch["input_ids"], batch["attention_mask"], task="retrieval")
+    ours = padded_hidden_states(model, batch["input_ids"], batch["attention_mask"], task="retrieval")
     for i, text in enumerate(TEXTS):
         b = ref.text_batch([text], "retrieval")
         theirs = ref.hidden(b["input_ids"], b["attention_mask"], "retrieval")[0]
@@ -151,11 +152,11 @@ def test_last_hidden_states_matches_reference(name, models, references):
 def test_token_budget_batches(models):
     """Batches: longest first, within max_batch_tokens and batch_size; results in input order either way."""
     model = models("gqa4-single")
-    items = [Item(list(range(n))) for n in (5, 40, 17, 40, 3, 90)]
+    items = [Item(list(range(n)), "code") for n in (5, 40, 17, 40, 3, 90)]
     assert token_batches(items, 80) == [[5], [1, 3], [2, 0, 4]]
     assert token_batches(items, 80, 2) == [[5], [1, 3], [2, 0], [4]]
     # one long text and many short ones: the padded attention grid (items x longest) stays within the budget
-    crowd = [Item([0] * 700)] + [Item([0] * 10) for _ in range(300)]
+    crowd = [Item([0] * 700, "code")] + [Item([0] * 10, "code") for _ in range(300)]
     batches = token_batches(crowd, 1000)
     assert batches[0] == [0] and all(len(b) * max(len(crowd[i].input_ids) for i in b) <= 1000 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(301))
@@ -167,21 +168,3 @@ def test_token_budget_batches(models):
     assert (budget - model.encode_text(TEXTS, task="code", batch_size=1)).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
         model.encode_text(TEXTS, task="code", batch_size=0)
-
-
-def test_auto_merge_for_large_single_task_calls(checkpoints):
-    from jina_v4 import JinaV4
-
-    model = JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu")
-    long = ["word " * 600]  # well over the 2048 tokens that make merging worth its one-off cost
-    model.auto_merge = False
-    plain = model.encode_text(long + TEXTS, task="code")
-    assert model._merged is None
-    model.auto_merge = True
-    assert model.encode_text(TEXTS[:2], task="code").shape[0] == 2 and model._merged is None  # small call
-    merged = model.encode_text(long + TEXTS, task="code")
-    assert model._merged == "code" and (merged - plain).abs().max() <= 1e-5
-    mixed = model.encode_text(long + TEXTS, task=["retrieval"] + ["code"] * len(TEXTS))  # unmerged path
-    assert model._merged == "code" and (mixed[1:] - plain[1:]).abs().max() <= 1e-5
-    model.merge(None)
-    assert all(m.merged_weight is None for m in model.modules() if hasattr(m, "merged_weight"))

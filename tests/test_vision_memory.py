@@ -12,7 +12,8 @@ import json, sys
 import numpy as np, torch
 from PIL import Image
 from jina_v4.config import PreprocessorConfig, VisionConfig
-from jina_v4.processing import image_patches
+from jina_v4.images import image_patches
+from jina_v4.positions import VisionLayout
 from jina_v4.vision import VisionTower
 
 torch.manual_seed(0)
@@ -32,7 +33,7 @@ pixels, grid = image_patches(img, pre, max_pixels=2_000_000)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()
 with torch.inference_mode():
-    out = tower(pixels, [grid])
+    out = tower(pixels, VisionLayout([grid], 4, 2))
 # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark into ru_maxrss across fork + exec.
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 N = pixels.shape[0]

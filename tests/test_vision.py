@@ -1,0 +1,91 @@
+"""The vision tower's components one by one against transformers 4.52.4's modules of the same purpose, with the
+same weights: one VisionBlock (window and full attention), the PatchMerger, and the whole tower on packed
+images whose windows run in both directions, with the full-attention blocks placed first, between and last.
+(The window permutation itself: tests/test_images.py::test_window_index_and_seqlens.)"""
+
+import json
+
+import pytest
+import torch
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+from jina_v4.config import VisionConfig, parse
+from jina_v4.positions import Segments, VisionLayout, vision_cos_sin
+from jina_v4.vision import PatchMerger, VisionBlock, VisionTower
+from synthetic import RELEASED
+
+TOL = 1e-5  # relative to the largest output: fp32, SDPA per window against one masked SDPA call
+GRIDS = [(1, 24, 40), (1, 10, 6), (1, 16, 16)]  # merged 12x20 (3x5 windows, partial), 5x3, 4x4
+
+
+def vision_config(depth=3, fullatt=(1,), hidden=32, heads=2):
+    d = json.loads((RELEASED / "config.json").read_text())
+    d["vision_config"].update(depth=depth, hidden_size=hidden, num_heads=heads, intermediate_size=48,
+                              out_hidden_size=40, fullatt_block_indexes=list(fullatt))
+    return parse(VisionConfig, d["vision_config"], "config.json"), Qwen2_5_VLConfig.from_dict(d).vision_config
+
+
+def randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() > 1 else 5) + (p.dim() == 1))
+    return module
+
+
+def close(a, b, tol=TOL):
+    return (a - b).abs().max() <= tol * b.abs().max()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_vision_block(full):
+    ours_cfg, hf_cfg = vision_config()
+    theirs = randomize(hf.Qwen2_5_VLVisionBlock(hf_cfg, "sdpa")).eval()
+    ours = VisionBlock(ours_cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    layout = VisionLayout(GRIDS, 4, 2)
+    seqs = layout.images if full else layout.windows
+    x = torch.randn(len(layout.positions), ours_cfg.hidden_size)
+    cos, sin = vision_cos_sin(layout.positions, ours_cfg.head_dim, torch.float32)
+    with torch.no_grad():
+        expected = theirs(x, cu_seqlens=torch.tensor(seqs.cu, dtype=torch.int32), position_embeddings=(cos, sin))
+        got = ours(x, cos, sin, seqs)
+    assert close(got, expected)
+
+
+def test_patch_merger():
+    ours_cfg, hf_cfg = vision_config()
+    theirs = randomize(hf.Qwen2_5_VLPatchMerger(hf_cfg.out_hidden_size, hf_cfg.hidden_size, 2)).eval()
+    ours = PatchMerger(ours_cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(64, ours_cfg.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("fullatt", [(0,), (1,), (2,), ()])
+def test_vision_tower(fullatt):
+    ours_cfg, hf_cfg = vision_config(fullatt=fullatt)
+    theirs = randomize(hf.Qwen2_5_VisionTransformerPretrainedModel._from_config(
+        hf_cfg, attn_implementation="sdpa", torch_dtype=torch.float32))
+    ours = VisionTower(ours_cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    pixels = torch.randn(sum(t * h * w for t, h, w in GRIDS), 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        expected = theirs.eval()(pixels, torch.tensor(GRIDS))
+        got = ours(pixels, VisionLayout(GRIDS, 4, 2))
+    assert got.shape == expected.shape == (pixels.shape[0] // 4, 40)
+    assert close(got, expected)
+    # the window order matters here: windows tiled column-first give another result
+    transposed = VisionLayout([(t, w, h) for t, h, w in GRIDS], 4, 2)
+    transposed.positions = VisionLayout(GRIDS, 4, 2).positions
+    with torch.no_grad():
+        wrong = ours(pixels, transposed)
+    assert not close(wrong, expected, 1e-3)
+
+
+def test_segments():
+    s = Segments([0, 3, 6, 6, 10])
+    assert s.lengths == [3, 3, 0, 4] and s.max_len == 4 and s.runs == [[0, 2, 3], [6, 1, 0], [6, 1, 4]]
+    assert s.slots.tolist() == [0, 1, 2, 4, 5, 6, 12, 13, 14, 15]

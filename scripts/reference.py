@@ -28,6 +28,11 @@ PREFIX = {"query": "Query", "passage": "Passage"}
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """Outputs in fp32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RefModel(nn.Module):
     """The released module tree: `model` (Qwen2_5_VLModel) and `multi_vector_projector`."""
 
@@ -65,8 +70,9 @@ def add_task_adapters(ref: RefModel, adapter_cfg: dict, tasks: list[str]):
 
 class Reference:
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        """dtype float32: plain fp32. bfloat16/float16: half weights run under autocast, as the released
-        encode_* does (peft keeps the LoRA weights in fp32; autocast runs their matmuls in half precision)."""
+        """dtype float32 or float64: plain arithmetic in that dtype. bfloat16/float16: half weights run under
+        autocast, as the released encode_* does (peft keeps the LoRA weights in fp32; autocast runs their
+        matmuls in half precision)."""
         path = Path(path)
         self.device, self.dtype = torch.device(device), dtype
         cfg = json.loads((path / "config.json").read_text())
@@ -93,7 +99,7 @@ class Reference:
         self.path = path
 
     def autocast(self):
-        if self.dtype == torch.float32:
+        if self.dtype in (torch.float32, torch.float64):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
@@ -128,7 +134,7 @@ class Reference:
             self.peft.set_adapter(task)
             with self.autocast():
                 v = F.normalize(self.ref.multi_vector_projector(h), dim=-1) * attention_mask.unsqueeze(-1)
-            return [e[m.bool()].float().cpu() for e, m in zip(v, attention_mask)]
+            return [e[m.bool()].to(wide(e.dtype)).cpu() for e, m in zip(v, attention_mask)]
         with self.autocast():
             if cfg["vision_start_token_id"] in input_ids[0]:
                 start = torch.where(input_ids == cfg["vision_start_token_id"])[1]
@@ -140,7 +146,7 @@ class Reference:
                 pooled = (h * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
             v = F.normalize(pooled, dim=-1)
             v = v if truncate_dim is None else F.normalize(v[:, :truncate_dim], dim=-1)
-        return v.float().cpu()
+        return v.to(wide(v.dtype)).cpu()
 
     def encode_text(self, texts: list[str], task: str, prompt_name: str = "query", multivector=False,
                     truncate_dim=None, max_length=32768):

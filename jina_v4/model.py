@@ -175,10 +175,11 @@ class JinaV4(nn.Module):
         for batch in self.processor.batches(items, self.max_batch_tokens, batch_size):
             batch = batch.to(self.device, self.dtype)
             h = self.forward(batch, deterministic=deterministic)  # (T, D)
-            if return_multivector:
-                vecs = multi_vectors(self.multi_vector_projector, h, batch.task).cpu().split(batch.seqs.lengths)
-            else:
-                vecs = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes, truncate_dim).cpu()
+            with mode(Mode(deterministic=deterministic)):  # the projector's matmuls too
+                if return_multivector:
+                    vecs = multi_vectors(self.multi_vector_projector, h, batch.task).cpu().split(batch.seqs.lengths)
+                else:
+                    vecs = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes, truncate_dim).cpu()
             for i, v in zip(batch.index, vecs):
                 out[i] = v
         if return_multivector:

@@ -7,7 +7,8 @@ vocabulary) and reduced depth is written once with random weights (scripts/synth
   a) text: texts of a log-uniform length mix, tokens per second
   b) images: images of different sizes up to --max-megapixels, images per second
   c) peak memory of each (RSS above the loaded model on CPU; max allocated on GPU)
-  d) jina_v4's achieved FLOP/s over the bare matmul FLOP/s of the same Linear shapes (the limit)
+  d) jina_v4's achieved FLOP/s over the bare matmul FLOP/s of the same Linear shapes (the limit), and what
+     deterministic=True costs (time with it over time without)
   e) load time and peak RSS of a full-size bf16 checkpoint (written once) against reading its files
 
 The reference is transformers Qwen2.5-VL + peft (scripts/reference.py) run as the released encode_* runs it:
@@ -231,6 +232,7 @@ def write_full_size(path: Path) -> Path:
     from safetensors.torch import save_file
 
     from jina_v4.config import AdapterConfig, JinaV4Config
+    from jina_v4.loading import adapter_key
     from synthetic import RELEASED, build_tokenizer, tokenizer_config
 
     if (path / "model.safetensors.index.json").exists():
@@ -253,12 +255,7 @@ def write_full_size(path: Path) -> Path:
         save_file({k: rand(state[k].shape) for k in keys}, path / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in keys})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    lora = {}
-    for k in state:
-        if ".lora_" in k:
-            module, ab, task = k.rsplit(".", 2)
-            module = module.replace("model.", "model.language_model.", 1) if module.startswith("model.") else module
-            lora[f"base_model.model.{module}.{ab}.{task}.weight"] = rand(state[k].shape)
+    lora = {adapter_key(k): rand(state[k].shape) for k in state if ".lora_" in k}
     save_file(lora, path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "adapters" / "adapter_config.json").write_text(json.dumps(acfg))
@@ -286,6 +283,8 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
                              lambda: model.encode_text(texts[:4] * 64, task=TASK))
     ti_ours, mi_ours = measure(lambda: model.encode_image(images, task=TASK), args.runs, device,
                                lambda: model.encode_image(images[:2], task=TASK))
+    td_ours, _ = measure(lambda: model.encode_text(texts, task=TASK, deterministic=True), args.runs, device)
+    tid_ours, _ = measure(lambda: model.encode_image(images, task=TASK, deterministic=True), args.runs, device)
     achieved, bare, ratio = flop_ratio(model, [args.flop_tokens // 8] * 8, args.runs, device)
     ours_vec = model.encode_text(texts[:8], task=TASK)
     model = None  # free it before the reference loads
@@ -309,6 +308,8 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     rows.append((f"{dtype}: text peak MiB", m_ours / mib, m_rel / mib, m_nolm / mib, "lower"))
     rows.append((f"{dtype}: image peak MiB", mi_ours / mib, mi_rel / mib, None, "lower"))
     rows.append((f"{dtype}: FLOP/s / matmul FLOP/s", ratio, None, None, ">= 0.70"))
+    rows.append((f"{dtype}: deterministic/default, text", td_ours / t_ours, None, None, "<= 1.3 (time)"))
+    rows.append((f"{dtype}: deterministic/default, images", tid_ours / ti_ours, None, None, "<= 1.3 (time)"))
     print(f"[{dtype}] {len(texts)} texts, {n_tokens} tokens; {len(images)} images; achieved "
           f"{achieved / 1e9:.1f} GFLOP/s vs bare matmul {bare / 1e9:.1f} GFLOP/s on {args.flop_tokens} tokens; "
           f"min cosine to the reference on 8 texts {cos:.6f}", flush=True)

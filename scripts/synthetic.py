@@ -72,7 +72,7 @@ def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") 
 
 
 CONFIGS = [
-    Tiny("gqa2-sharded"),
+    Tiny("gqa2-sharded", mrope=(2, 4, 2)),  # height and width sections differ (so do r and alpha: 4, 8)
     Tiny("gqa4-single", heads=4, kv_heads=1, layers=3, mrope=(4, 2, 2), proj_dim=24, r=8, alpha=8, shards=0,
          vision_depth=5, vision_heads=4, vision_hidden=64, fullatt=(2, 4)),
     Tiny("mha-bf16", hidden=96, heads=6, kv_heads=6, mrope=(2, 2, 4), proj_dim=8, r=2, alpha=5, shards=3,

@@ -126,3 +126,25 @@ def test_packed_attention_matches_dense_masks():
             q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
             attn_mask=mask)
         assert (attention(q, k, v, Segments(cu), causal) - dense.transpose(0, 1)).abs().max() <= 1e-6
+
+
+def test_rmsnorm_epsilon_at_small_magnitudes():
+    """Where mean(x²) is near eps, eps decides the output: a wrong eps (1e-5 for 1e-6) is off by far more
+    than any rounding."""
+    theirs = hf.Qwen2RMSNorm(48, 1e-6)
+    x = 1e-3 * torch.randn(5, 48)  # mean square ~1e-6
+    assert torch.equal(RMSNorm(48, 1e-6)(x), theirs(x))
+    assert (RMSNorm(48, 1e-5)(x) - theirs(x)).abs().max() > 1e4 * 1e-6 * theirs(x).abs().max()
+
+
+def test_bf16_mean_pooling_accumulates_in_fp32():
+    """4,000 bf16 token states pooled as the fp32 pooling of the same values (a bf16 running sum would drift
+    by ~1e-3 relative: 8 bits of mantissa)."""
+    from jina_v4.heads import mean_pool
+
+    h = torch.randn(4000, 64).add_(0.5).to(torch.bfloat16)
+    rows, seqs, sizes = torch.arange(4000), torch.zeros(4000, dtype=torch.long), torch.tensor([4000])
+    got = mean_pool(h, rows, seqs, sizes)
+    assert got.dtype == torch.float32
+    assert (got - h.float().mean(0)).abs().max() <= 1e-6
+    assert (h.sum(0, dtype=torch.bfloat16).float() / 4000 - h.float().mean(0)).abs().max() > 1e-4  # the trap

@@ -168,3 +168,27 @@ def test_token_budget_batches(models):
     assert (budget - model.encode_text(TEXTS, task="code", batch_size=1)).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
         model.encode_text(TEXTS, task="code", batch_size=0)
+
+
+def test_rmsnorm_epsilon_matters_end_to_end(checkpoints, tmp_path):
+    """Token embeddings scaled by 1e-3 put every first RMSNorm where eps dominates: parity still holds, and a
+    model with eps 1e-5 instead of 1e-6 misses it by orders of magnitude."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from jina_v4 import JinaV4
+    from reference import Reference
+
+    path = shutil.copytree(checkpoints["gqa4-single"], tmp_path / "small")
+    w = load_file(path / "model.safetensors")
+    w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] * 1e-3
+    save_file(w, path / "model.safetensors")
+    model, ref = JinaV4.from_pretrained(path, device="cpu"), Reference(path)
+    ours = model.encode_text(TEXTS, task="retrieval")
+    theirs = reference_each(ref, TEXTS, "retrieval")
+    assert (ours - theirs).abs().max() <= TOL
+    for m in model.modules():
+        if hasattr(m, "eps"):
+            m.eps = 1e-5
+    assert (model.encode_text(TEXTS, task="retrieval") - theirs).abs().max() > 100 * TOL

@@ -1,0 +1,108 @@
+"""A forward never waits on the device: once a batch is built, no tensor is read back to the host (no .item(),
+.tolist(), int(), bool(), nonzero(), boolean-mask indexing, data-dependent shapes). Lengths and offsets come from
+the batch's Python-side metadata. On a GPU each such call would stall the stream; here every tensor method
+that would is wrapped and counted during forwards of texts, images, mixed tasks and both heads."""
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+from jina_v4.heads import multi_vectors, single_vectors
+from jina_v4.layers import Mode, attention, mode
+from jina_v4.positions import Segments
+from test_images import picture
+
+READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere", "masked_select",
+         "unique", "unique_consecutive", "numpy"]
+
+
+def has_bool_tensor(index) -> bool:
+    if isinstance(index, torch.Tensor):
+        return index.dtype == torch.bool
+    return isinstance(index, (tuple, list)) and any(has_bool_tensor(i) for i in index)
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    calls: list[str] = []
+
+    def counted(name, original):
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    def indexing(name, original):
+        def wrapper(self, index, *args):
+            if has_bool_tensor(index):
+                calls.append(f"{name} with a boolean mask")
+            return original(self, index, *args)
+        return wrapper
+
+    def repeat_interleave(original):
+        def wrapper(*args, **kwargs):
+            if isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) and \
+                    kwargs.get("output_size") is None:
+                calls.append("repeat_interleave without output_size")
+            return original(*args, **kwargs)
+        return wrapper
+
+    patches = [mock.patch.object(torch.Tensor, n, counted(n, getattr(torch.Tensor, n))) for n in READS]
+    patches += [mock.patch.object(torch.Tensor, n, indexing(n, getattr(torch.Tensor, n)))
+                for n in ("__getitem__", "__setitem__", "index_put_", "index_put")]
+    patches += [mock.patch.object(torch, "nonzero", counted("torch.nonzero", torch.nonzero)),
+                mock.patch.object(torch, "repeat_interleave", repeat_interleave(torch.repeat_interleave)),
+                mock.patch.object(torch.Tensor, "repeat_interleave", repeat_interleave(torch.Tensor.repeat_interleave))]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield calls
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_forward_reads_nothing_back(models, deterministic):
+    model = models("mha-bf16")
+    inputs = ["a short query", picture(240, 320, 1), "a longer passage " * 20, picture(100, 500, 2), "x"]
+    items = model.processor.prepare(inputs, ["code", "retrieval", "code", "text-matching", "code"])
+    batch = model.processor.collate(items).to(model.device, model.dtype)
+    with torch.inference_mode():
+        with count_host_reads() as calls:
+            h = model(batch, deterministic=deterministic)
+            single = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes, 8)
+            multi = multi_vectors(model.multi_vector_projector, h, batch.task)
+    assert calls == []
+    assert single.shape == (5, 8) and multi.shape == (h.shape[0], model.config.multi_vector_projector_dim)
+
+
+def test_the_counter_counts():
+    x = torch.arange(6.0)
+    with count_host_reads() as calls:
+        x.sum().item(), x[x > 2], x.nonzero(), bool(x[0] == 0), torch.repeat_interleave(x, torch.ones(6, dtype=int))
+    assert calls == ["item", "__getitem__ with a boolean mask", "nonzero", "__bool__",
+                     "repeat_interleave without output_size"]
+
+
+def test_varlen_switch_falls_back_on_cpu():
+    """`model.varlen` asks for the varlen kernel where the device has it (CUDA, half precision); on a CPU the
+    same call runs the per-length SDPA path and gives exactly its result."""
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    seqs = Segments([0, 7, 9, 20])
+    with mode(Mode(varlen=False)):
+        plain = attention(q, k, v, seqs, causal=True)
+    with mode(Mode(varlen=True)):
+        switched = attention(q, k, v, seqs, causal=True)
+    assert torch.equal(plain, switched)
+
+
+def test_model_varlen_switch_on_cpu(models):
+    model = models("gqa2-sharded")
+    texts = ["one", "two texts here", "and a third, longer one " * 5]
+    plain = model.encode_text(texts, task="code", return_multivector=True)
+    model.varlen = True
+    try:
+        switched = model.encode_text(texts, task="code", return_multivector=True)
+    finally:
+        model.varlen = False
+    assert all(torch.equal(a, b) for a, b in zip(plain, switched))

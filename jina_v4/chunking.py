@@ -30,26 +30,44 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def token_chunks(offsets: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
-    """Character spans of consecutive groups of at most `budget` tokens, from the tokens' (start, end) offsets."""
+def anchors(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """Each token's first non-whitespace character in `text` (-1 for a token of whitespace or of the prompt's
+    prefix). Offsets are characters of `text` (negative inside the prefix). The anchor, not the start, places
+    a token: Qwen's tokens carry their leading space (" Second" starts on the space before the sentence), the
+    first word's token may begin inside the prefix ("Passage:" + " Coastal"), and byte-level BPE splits some
+    characters into several tokens that share the character's offsets."""
+    out = []
+    for a, b in offsets:
+        piece = text[max(a, 0):max(b, 0)]
+        lead = len(piece) - len(piece.lstrip())
+        out.append(max(a, 0) + lead if lead < len(piece) else -1)
+    return out
+
+
+def token_chunks(anchor: list[int], budget: int, end: int) -> list[tuple[int, int]]:
+    """Character spans of consecutive groups of `budget` tokens (whitespace tokens uncounted), each from its first
+    token's anchor to the next group's (the last to `end`). Tokens that share a character stay together, so a
+    group may grow by their number."""
     if budget < 1:
         raise ValueError(f"token budget must be positive, got {budget}")
-    return [(offsets[i][0], offsets[min(i + budget, len(offsets)) - 1][1]) for i in range(0, len(offsets), budget)]
+    words = [a for a in anchor if a >= 0]
+    starts = sorted(set(words[::budget]))
+    return list(zip(starts, starts[1:] + [end]))
 
 
-def chunk_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> torch.Tensor:
-    """(chunks, tokens) bool: a token belongs to the chunk whose span holds its first character."""
-    starts = torch.tensor([a for a, _ in offsets])
-    return torch.stack([(starts >= a) & (starts < b) for a, b in spans])
+def chunk_token_mask(anchor: list[int], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """(chunks, tokens) bool: a token belongs to the chunk whose span holds its anchor."""
+    at = torch.tensor(anchor)
+    return torch.stack([(at >= a) & (at < b) for a, b in spans])
 
 
-def chunk_spans(text: str, chunks, offsets: list[tuple[int, int]], max_length: int):
+def chunk_spans(text: str, chunks, anchor: list[int], end: int, max_length: int):
     """The chunks' character spans ("sentences", an int token budget, or the caller's (start, end) spans) and
     their (C, L) token membership; every chunk must keep at least one token."""
     if chunks == "sentences":
         spans = sentence_spans(text)
     elif isinstance(chunks, int):
-        spans = token_chunks([o for o in offsets if o[0] >= 0], chunks)
+        spans = token_chunks(anchor, chunks, end)
     else:
         spans = [tuple(s) for s in chunks]
         for a, b in spans:
@@ -57,7 +75,7 @@ def chunk_spans(text: str, chunks, offsets: list[tuple[int, int]], max_length: i
                 raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
     if not spans:
         raise ValueError("the text holds no chunk to embed")
-    mask = chunk_token_mask(offsets, spans)
+    mask = chunk_token_mask(anchor, spans)
     for (a, b), n in zip(spans, mask.sum(1).tolist()):
         if n == 0:
             raise ValueError(f"chunk ({a}, {b}) has no tokens left after truncation at max_length={max_length}")
@@ -76,16 +94,16 @@ def encode_chunks(model, text: str, chunks: str | int | Sequence[tuple[int, int]
                   task: str | None = None, prompt_name: str = "passage", max_length: int = MAX_TEXT_TOKENS,
                   truncate_dim: int | None = None, return_numpy: bool = False, deterministic: bool = False):
     """Late chunking with `model`: embed `text` once (up to 32768 tokens), then one single vector per chunk,
-    the normalised mean of the chunk's token states. A token belongs to the chunk holding its first character;
-    the prefix tokens belong to none. Returns (C, D) vectors and the chunks' character spans."""
+    the normalised mean of the chunk's token states. A token belongs to the chunk holding its first
+    non-whitespace character (`anchors`); the prefix belongs to none. Returns (C, D) vectors and the spans."""
     text = checked_text(text, "text")
     task = model.processor.tasks(task or model.task, 1)[0]
     check_truncate_dim(truncate_dim, model.config.matryoshka_dims)
     prompt = text_prompt(text, task, prompt_name)
     item = model.processor.tokenize([prompt], max_length, task)[0]
     shift = len(prompt) - len(text)
-    offsets = [(a - shift, b - shift) for a, b in item.offsets]  # prefix tokens get negative offsets
-    spans, mask = chunk_spans(text, chunks, offsets, max_length)
+    offsets = [(a - shift, b - shift) for a, b in item.offsets]  # characters of `text`; the prefix's are negative
+    spans, mask = chunk_spans(text, chunks, anchors(text, offsets), offsets[-1][1], max_length)
     h = model(model.processor.collate([item]), deterministic=deterministic)
     vecs = pool_chunks(h, mask, truncate_dim or model.config.truncate_dim).cpu()
     return (vecs.numpy() if return_numpy else vecs), spans

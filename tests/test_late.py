@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import padded_hidden_states
 from jina_v4 import encode_chunks, similarity_map
-from jina_v4.chunking import chunk_token_mask, sentence_spans, token_chunks
+from jina_v4.chunking import anchors, chunk_token_mask, sentence_spans, token_chunks
 from jina_v4.scoring import maxsim, pad_multivectors
 
 torch.manual_seed(0)
@@ -69,9 +69,18 @@ def test_chunkers():
     spans = sentence_spans(text)
     assert [text[a:b] for a, b in spans] == ["First sentence.", "Second one!", "Third?", "A line without a stop",
                                             "最后一句。", "还有一句"]
-    offsets = [(0, 3), (3, 5), (5, 9), (9, 10), (10, 14)]
-    assert token_chunks(offsets, 2) == [(0, 5), (5, 10), (10, 14)]
-    assert chunk_token_mask(offsets, [(0, 5), (5, 14)]).tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+    text = "abc de fgh\U0001F680 ijk"
+    offsets = [(-3, 0), (-1, 3), (3, 6), (6, 10), (10, 11), (10, 11), (11, 15)]  # the 🚀 is two tokens
+    anchor = anchors(text, offsets)
+    assert anchor == [-1, 0, 4, 7, 10, 10, 12]  # prefix; "abc" begins in the prefix; leading spaces skipped
+    assert token_chunks(anchor, 2, 15) == [(0, 7), (7, 10), (10, 15)]  # the 🚀 goes whole to the later group
+    assert token_chunks(anchor, 4, 15) == [(0, 10), (10, 15)]  # a group boundary never splits the 🚀
+    assert chunk_token_mask(anchor, [(0, 5), (5, 15)]).tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+
+
+def anchor_of(text, a, b):
+    """The test's own reading of the rule: a token's first non-whitespace character of the text, else -1."""
+    return next((i for i in range(max(a, 0), max(b, 0)) if not text[i].isspace()), -1)
 
 
 DOC = ("Coastal cities face rising seas. Storm surges grow stronger every decade! "
@@ -86,10 +95,11 @@ def test_late_chunking_equals_reference_hidden_states(name, models, references, 
     h = ref.hidden(b["input_ids"], b["attention_mask"], "retrieval")[0]
     # the reference tokenizer's own offsets, shifted past "Passage: "; a token goes to the chunk of its first char
     offsets = ref.tokenizer(f"Passage: {DOC}", return_offsets_mapping=True)["offset_mapping"]
-    starts = torch.tensor([a - len("Passage: ") for a, _ in offsets])
+    shift = len("Passage: ")
+    anchor = torch.tensor([anchor_of(DOC, a - shift, b - shift) for a, b in offsets])
     assert len(spans) == len(vecs) > 1
     for (a, c), v in zip(spans, vecs):
-        rows = (starts >= a) & (starts < c)
+        rows = (anchor >= a) & (anchor < c)
         expected = F.normalize(h[rows].mean(0), dim=0)
         assert (v - expected).abs().max() <= 1e-5
     if chunks == "sentences":

@@ -6,6 +6,7 @@ import io
 import json
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,17 +44,26 @@ def picture(h, w, seed=0, mode="RGB", noise=3.0):
 # ---- preprocessing -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h, w", [(29, 29), (28, 5600), (1000, 1000), (1600, 2400), (3000, 4000), (77, 13)])
-def test_smart_resize_matches_transformers(h, w):
+def test_smart_resize_matches_transformers_5():
+    """963 sizes (sides of 1-14 px, aspect ratios near 200, three area bounds) against a table that
+    transformers 5.x's own smart_resize produced (tests/data/smart_resize_transformers5.json records the
+    version). A side that rounds to 0 px falls into the scale-up branch there (13x100 -> 28x168)."""
+    table = json.loads((Path(__file__).parent / "data" / "smart_resize_transformers5.json").read_text())
+    assert table["source"].startswith("transformers 5.")
+    for h, w, min_pixels, max_pixels, expected in table["cases"]:
+        if expected == "error":
+            with pytest.raises(ValueError, match="aspect ratio"):
+                smart_resize(h, w, 28, min_pixels, max_pixels)
+        else:
+            assert list(smart_resize(h, w, 28, min_pixels, max_pixels)) == expected, (h, w, min_pixels, max_pixels)
+
+
+@pytest.mark.parametrize("h, w", [(29, 29), (28, 5600), (1000, 1000), (1600, 2400), (3000, 4000), (77, 28)])
+def test_smart_resize_matches_transformers_4_52(h, w):
+    """The pinned reference agrees wherever it accepts the size (it raises for sides under 28 px)."""
     for max_pixels in (IMAGE_CFG.max_pixels, 1_003_520):
-        expected = hf_smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels) if min(h, w) >= 28 else None
-        got = smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels)
-        assert got[0] % 28 == 0 and got[1] % 28 == 0
-        if expected is not None:
-            assert got == expected
-    assert smart_resize(20, 300, 28, 3136, 602112) == (28, 308)  # under 28 px: scaled up (transformers 4.52 raised)
-    with pytest.raises(ValueError, match="aspect ratio 201.0 is over 200"):
-        smart_resize(28, 28 * 201, 28, 3136, 602112)
+        assert smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels) == hf_smart_resize(
+            h, w, 28, IMAGE_CFG.min_pixels, max_pixels)
 
 
 def test_released_token_counts():
@@ -112,6 +122,43 @@ def test_pixel_values_equal_torchvision_fast_processor():
             pixels, grid = image_patches(load_image(img), IMAGE_CFG)
             assert torch.equal(pixels, expected["pixel_values"]), (h, w, mode)
             assert grid == tuple(expected["image_grid_thw"][0].tolist())
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    """As the reference: Image.open(...).convert("RGB") never transposes, so a JPEG tagged Orientation = 6 keeps
+    its stored (landscape) pixels, as bytes and as a path."""
+    img = picture(120, 200, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    stored = Image.open(path).convert("RGB")
+    assert stored.size == (200, 120) and Image.open(path).getexif()[0x0112] == 6
+    slow = Qwen2VLImageProcessor(**{k: v for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text())
+                                   .items() if k != "processor_class"})
+    expected_grid = tuple(slow(images=[stored], return_tensors="pt")["image_grid_thw"][0].tolist())
+    resized = reference_resize_path(stored)
+    for source in (path, path.read_bytes()):
+        pixels, grid = image_patches(load_image(source), IMAGE_CFG)
+        assert grid == expected_grid == (1, 8, 14)  # landscape: not the 14 x 8 of the displayed image
+        ours_u8 = torch.nn.functional.interpolate(torch.from_numpy(np.array(load_image(source))).permute(2, 0, 1)[None],
+                                                  size=resized.shape[1:], mode="bicubic", antialias=True)[0]
+        assert torch.equal(ours_u8, resized)
+
+
+def test_transparency_is_dropped_not_composited():
+    """The released reference (transformers 4.52) converts RGBA with a plain convert("RGB"): the colour under a
+    transparent pixel stays. (transformers 5.x composites onto white instead.)"""
+    rgb = np.asarray(picture(64, 96, seed=4))
+    alpha = np.tile(np.linspace(0, 255, 96).astype(np.uint8), (64, 1))  # transparent left, opaque right
+    img = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    pixels, _ = image_patches(load_image(img), IMAGE_CFG)
+    plain, _ = image_patches(Image.fromarray(rgb), IMAGE_CFG)
+    assert torch.equal(pixels, plain)
+    white = Image.new("RGB", img.size, (255, 255, 255))
+    white.paste(img, mask=img.split()[3])
+    composited, _ = image_patches(white, IMAGE_CFG)
+    assert (pixels - composited).abs().max() > 1  # the two conventions really differ on this image
 
 
 def test_image_sources(tmp_path):

@@ -176,3 +176,28 @@ def test_add_task_starts_as_the_base_model(checkpoints, references):
         base = ref.ref.model(input_ids=b["input_ids"], position_ids=pos).last_hidden_state
     assert (got - base).abs().max() <= 1e-5
     assert "legal" in model.config.task_names and model.encode_text("x", task="legal").shape == (64,)
+
+
+def test_maxsim_edge_cases():
+    import numpy as np
+
+    qs, ds = ragged(3, 2, 6), ragged(4, 3, 9)
+    expected = maxsim(qs, ds)
+    assert torch.allclose(maxsim([q.numpy() for q in qs], [d.numpy() for d in ds]), expected)  # numpy inputs
+    assert torch.allclose(maxsim(pad_multivectors(qs)[0].numpy(), ds), expected)
+    assert maxsim([], ds).shape == (0, 4) and maxsim(qs, []).shape == (3, 0)  # empty lists: empty scores
+    with pytest.raises(ValueError, match=r"queries\[1\] has no vectors \(0 tokens\)"):
+        maxsim([qs[0], torch.empty(0, 16)], ds)
+    with pytest.raises(ValueError, match=r"documents\[2\] has no vectors"):
+        maxsim(qs, ds[:2] + [np.zeros((0, 16), dtype=np.float32)] + ds[2:])
+    with pytest.raises(ValueError, match=r"documents\[0\] has no vectors"):  # an all-zero row of a padded tensor
+        maxsim(qs, torch.zeros(2, 5, 16))
+    with pytest.raises(ValueError, match="queries have 16-d vectors, documents 8-d"):
+        maxsim(qs, ragged(2, 2, 4, dim=8))
+    assert maxsim([q.double() for q in qs], ds).dtype == torch.float64
+
+
+def test_truncate_dim_with_multivectors_is_refused(models):
+    model = models("gqa2-sharded")
+    with pytest.raises(ValueError, match="truncate_dim applies to single vectors"):
+        model.encode_text("x", task="code", truncate_dim=8, return_multivector=True)

@@ -199,3 +199,23 @@ def test_info_on_a_hub_id_fetches_only_the_configs(checkpoints, monkeypatch):
     model, _ = build_meta("tiny-org/tiny-v4")
     assert asked == {"tiny-org/tiny-v4": ["config.json", "adapters/adapter_config.json"]}
     assert model.model.norm.weight.is_meta
+
+
+def test_a_tensor_in_two_shards(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path, "gqa2-sharded")
+    first = load_file(path / "model-00001-of-00002.safetensors")
+    key = next(iter(first))
+    second = load_file(path / "model-00002-of-00002.safetensors")
+    second[key] = first[key].clone()
+    save_file(second, path / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=rf"model-00002-of-00002\.safetensors: tensor '{key}' duplicates "
+                                              rf"model-00001-of-00002\.safetensors: tensor '{key}'"):
+        JinaV4.from_pretrained(path, device="cpu")
+
+
+def test_a_tensor_under_both_layouts(checkpoints, tmp_path):
+    path = copy(checkpoints, tmp_path)
+    rewrite(path, lambda w: w.update({"model.language_model.norm.weight": w["model.norm.weight"].clone()}))
+    with pytest.raises(CheckpointError, match=r"tensor '(model\.language_model\.norm|model\.norm)\.weight' "
+                                              r"duplicates model\.safetensors: tensor "):
+        JinaV4.from_pretrained(path, device="cpu")

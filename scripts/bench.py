@@ -157,20 +157,26 @@ def linear_shapes(model) -> list[tuple[int, int]]:
             if isinstance(m, torch.nn.Linear)]
 
 
+def decoder_flops(model, lengths: list[int]) -> float:
+    """The decoder's FLOPs on sequences of these lengths: 2·in·out per token per Linear (the task LoRA not
+    counted), plus causal attention 2·2·H·d·L(L+1)/2 per layer."""
+    cfg = model.config.text_config
+    linear = sum(2 * i * o for i, o in linear_shapes(model)) * sum(lengths)
+    return linear + cfg.num_hidden_layers * sum(2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1)
+                                                for n in lengths)
+
+
 def flop_ratio(model, lengths: list[int], runs: int, device) -> tuple[float, float, float]:
     """Achieved FLOP/s of the decoder forward on one packed batch, the bare-matmul FLOP/s of its Linear shapes,
     and their ratio. FLOPs: 2·in·out per token per Linear, plus causal attention 2·2·H·d·L(L+1)/2."""
     from jina_v4.processing import Item
 
-    cfg = model.config.text_config
     rng = np.random.default_rng(0)
     items = [Item(rng.integers(0, 1000, n).tolist(), TASK) for n in lengths]
     batch = model.processor.collate(items)
     T = sum(lengths)
     shapes = linear_shapes(model)
-    flops = sum(2 * T * i * o for i, o in shapes)
-    flops += cfg.num_hidden_layers * sum(2 * 2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1) / 2
-                                         for n in lengths)
+    flops = decoder_flops(model, lengths)
     with torch.inference_mode():  # as encode_* runs it: the task's LoRA unmerged (its FLOPs are not counted)
         t_fwd, _ = measure(lambda: model.forward(batch), runs, device)
         ws = {(i, o): torch.randn(o, i, dtype=model.dtype, device=device) for i, o in set(shapes)}
@@ -227,43 +233,48 @@ print(json.dumps(out))
 """
 
 
-def write_full_size(path: Path) -> Path:
-    """The released layout at full size with random bf16 weights, written tensor by tensor."""
+def write_random(path: Path, cfg: dict, adapter_cfg: dict, tok, init, shards: int = 2) -> Path:
+    """A checkpoint in the released layout from `init(name, shape) -> tensor` (our parameter names), written tensor
+    by tensor from a meta-device model's names, so no model is ever built. An existing one is kept: its index,
+    written last, marks it complete."""
     from safetensors.torch import save_file
 
     from jina_v4.config import AdapterConfig, JinaV4Config
     from jina_v4.loading import adapter_key
-    from synthetic import RELEASED, build_tokenizer, tokenizer_config
+    from synthetic import RELEASED, tokenizer_config
 
     if (path / "model.safetensors.index.json").exists():
         return path
     (path / "adapters").mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((RELEASED / "config.json").read_text())
-    acfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
     with torch.device("meta"):
-        model = JinaV4(JinaV4Config.from_dict(cfg), AdapterConfig.from_dict(acfg))
+        model = JinaV4(JinaV4Config.from_dict(cfg), AdapterConfig.from_dict(adapter_cfg))
     state = model.state_dict()
-    g = torch.Generator().manual_seed(0)
-
-    def rand(shape):
-        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    base = [k for k in state if ".lora_" not in k]
-    shards, weight_map = [base[: len(base) // 2], base[len(base) // 2:]], {}
-    for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file({k: rand(state[k].shape) for k in keys}, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    lora = {adapter_key(k): rand(state[k].shape) for k in state if ".lora_" in k}
+    base, weight_map = [k for k in state if ".lora_" not in k], {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        keys = base[i * len(base) // shards:(i + 1) * len(base) // shards]
+        save_file({k: init(k, state[k].shape) for k in keys}, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    lora = {adapter_key(k): init(k, state[k].shape) for k in state if ".lora_" in k}
     save_file(lora, path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg))
-    (path / "adapters" / "adapter_config.json").write_text(json.dumps(acfg))
+    (path / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
     (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())
-    tok = build_tokenizer(151936)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok)))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def write_full_size(path: Path) -> Path:
+    """The released layout at full size with random bf16 weights (N(0, 0.02) everywhere)."""
+    from synthetic import RELEASED, build_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    cfg = json.loads((RELEASED / "config.json").read_text())
+    adapter_cfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
+    return write_random(path, cfg, adapter_cfg, build_tokenizer(151936),
+                        lambda name, shape: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
 
 
 # ---- the whole run --------------------------------------------------------------------------------------

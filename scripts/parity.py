@@ -49,10 +49,10 @@ THRESHOLDS = {
 }
 
 
-def probe_images() -> list[Image.Image]:
-    """Deterministic synthetic pages: a gradient, noise, boxes and lines of 'text'."""
+def probe_images(sizes: list[tuple[int, int]] = IMAGE_SIZES) -> list[Image.Image]:
+    """Deterministic synthetic pages of these (height, width): a gradient, noise, boxes and lines of 'text'."""
     images = []
-    for i, (h, w) in enumerate(IMAGE_SIZES):
+    for i, (h, w) in enumerate(sizes):
         rng = np.random.default_rng(i)
         y, x = np.mgrid[0:h, 0:w]
         base = np.stack([x * 200 / w + 30, y * 180 / h + 40, (x + y) * 100 / (h + w) + 90], -1)

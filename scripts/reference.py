@@ -1,7 +1,8 @@
 """The reference oracle: transformers 4.52.4 Qwen2.5-VL + peft 0.15.2 (one LoRA adapter per task, named after
 the task) + the released pooling rules (modeling_jina_embeddings_v4.py), loaded from a checkpoint directory
 in the released layout. Used by the tests and by scripts/parity.py; jina_v4 never imports it (it shares only jina_v4's
-checkpoint-name map, so that both sides read the files under the same names).
+checkpoint-name map, so that both sides read the files under the same names). It also runs on transformers 5.x
+(checked with 5.17 and peft 0.21), whose `get_rope_index` takes the modality of each token (1: image pad).
 
 Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positions: the released code's
 `hidden_states[-1]` without the LM head.
@@ -10,11 +11,13 @@ Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -24,6 +27,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from jina_v4.loading import module_name, reference_name  # the one checkpoint-name map, both ways
 
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 PREFIX = {"query": "Query", "passage": "Passage"}
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 
@@ -36,10 +40,13 @@ def wide(dtype: torch.dtype) -> torch.dtype:
 class RefModel(nn.Module):
     """The released module tree: `model` (Qwen2_5_VLModel) and `multi_vector_projector`."""
 
+    base_model_prefix = ""  # peft under transformers 5 reads it from any module that carries a config
+
     def __init__(self, config: Qwen2_5_VLConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
-        self.model = Qwen2_5_VLModel._from_config(config, attn_implementation="sdpa", torch_dtype=dtype).to(dtype)
+        dtype_kw = {"dtype" if TRANSFORMERS_5 else "torch_dtype": dtype}  # 5.x renamed the keyword
+        self.model = Qwen2_5_VLModel._from_config(config, attn_implementation="sdpa", **dtype_kw).to(dtype)
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim,
                                                 dtype=dtype)
 
@@ -77,13 +84,14 @@ class Reference:
         self.device, self.dtype = torch.device(device), dtype
         cfg = json.loads((path / "config.json").read_text())
         self.config = cfg
-        self.ref = RefModel.from_config_dict(cfg, dtype)
+        with self.device:  # built where it runs: initialising a full-size fp32 model on a CPU takes minutes
+            self.ref = RefModel.from_config_dict(cfg, dtype)
         weights = {}
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
             "model.safetensors"]
         for f in files:
-            weights.update(load_file(path / f))
+            weights.update(load_file(path / f, device=str(self.device)))
         renamed = {reference_name(k): v.to(dtype) for k, v in weights.items()}
         self.ref.load_state_dict(renamed, strict=True)
         adapter_cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
@@ -95,7 +103,7 @@ class Reference:
         missing = [k for k in result.missing_keys if ".lora_" in k]
         assert not missing, missing[:5]
         self.peft.eval().to(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.path = path
 
     def autocast(self):
@@ -113,7 +121,10 @@ class Reference:
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         pixel_values = None if pixel_values is None else pixel_values.to(dev)
         image_grid_thw = None if image_grid_thw is None else image_grid_thw.to(dev)
-        position_ids, _ = model.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
+        rope_kw = dict(image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+        if "mm_token_type_ids" in inspect.signature(model.get_rope_index).parameters:  # transformers 5
+            rope_kw["mm_token_type_ids"] = (input_ids == self.config["image_token_id"]).int()  # 1: image token
+        position_ids, _ = model.get_rope_index(input_ids, **rope_kw)
         with self.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,

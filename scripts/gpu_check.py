@@ -348,16 +348,19 @@ def phase_speed(ctx: dict) -> dict:
             out["varlen_error"] = f"{type(e).__name__}: {e}"  # the reference still runs
         finally:
             model.varlen = False
-    ref = reference(ctx, torch.bfloat16)
-    if ref is None:
-        out["reference"] = f"none ({ctx['no_reference']})"
-        return out
-    patches = [(p.pixel_values, p.grid) for p in pages]
-    t, m = measure(lambda: reference_texts(ref, texts, False), args.ref_runs, device,
-                   lambda: reference_texts(ref, texts[:16], False))
-    ti, mi = measure(lambda: reference_images(ref, patches, False, 1), args.ref_runs, device,
-                     lambda: reference_images(ref, patches[:1], False, 1))
-    out["reference"] = row(t, m, ti, mi)
+    try:  # jina_v4's figures stay whatever happens to the reference
+        ref = reference(ctx, torch.bfloat16)
+        if ref is None:
+            out["reference"] = f"none ({ctx['no_reference']})"
+            return out
+        patches = [(p.pixel_values, p.grid) for p in pages]
+        t, m = measure(lambda: reference_texts(ref, texts, False), args.ref_runs, device,
+                       lambda: reference_texts(ref, texts[:16], False))
+        ti, mi = measure(lambda: reference_images(ref, patches, False, 1), args.ref_runs, device,
+                         lambda: reference_images(ref, patches[:1], False, 1))
+        out["reference"] = row(t, m, ti, mi)
+    except Exception as e:
+        out["reference_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -400,8 +403,8 @@ def environment(args) -> dict:
     for name in ("transformers", "peft", "tokenizers", "safetensors"):
         try:
             env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
+        except Exception as e:  # missing, or broken by the versions around it
+            env[name] = f"none ({type(e).__name__}: {e})"
     from jina_v4 import layers
 
     env["varlen_attn"] = getattr(layers, "varlen_attn", None) is not None  # used on CUDA in bf16 when switched on
@@ -524,6 +527,7 @@ def main(argv=None) -> int:
                 report["phases"][name] = {"status": "error", "error": f"{type(e).__name__}: {e}",
                                           "traceback": traceback.format_exc()[-3000:]}
                 free(ctx, *list(ctx["models"]))
+        free(ctx)  # what the phase left behind, before the next one measures memory
         report["phases"][name]["seconds"] = time.perf_counter() - t
         report["elapsed_s"] = time.perf_counter() - start
         write(report, out)

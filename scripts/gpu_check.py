@@ -1,4 +1,4 @@
-"""jina_v4 at full size on one GPU, in one command: bf16 parity against the fp32 reference, speed against the
+r"""jina_v4 at full size on one GPU, in one command: bf16 parity against the fp32 reference, speed against the
 reference, both attention paths and deterministic mode; one JSON file and one printed table.
 
 Phases, in order (each writes its part of the JSON when it ends; an error is recorded and the next one runs; a
@@ -25,14 +25,13 @@ checkpoint in seconds (tests/test_gpu_check.py). From the repository root:
 
 On a machine without network access, with the pinned reference (transformers 4.52.4, peft 0.15.2) carried as
 wheels in .whl/ (NOTES.md, "Running on a GPU", says how to fetch them): the full check on the installed
-transformers, then a second parity pass on the pinned one, as one command line (535 characters):
+transformers, then a second parity pass on the pinned one (NOTES.md has it as one 534-character line):
 
-    set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; OUT=${OUT:-$PWD}; nvidia-smi -L; timeout 480
-    python3 scripts/gpu_check.py --device cuda --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log; ls
-    .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
-    --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD timeout 100 python3
-    scripts/gpu_check.py --device cuda --phases parity --budget 60 --out $OUT/gpu_check_pinned.json 2>&1 | tee
-    $OUT/gpu_check_pinned.log
+    set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; OUT=${OUT:-$PWD}; nvidia-smi -L; \
+    timeout 480 python3 scripts/gpu_check.py --device cuda --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log; \
+    ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 scripts/gpu_check.py \
+    --device cuda --phases parity --budget 60 --out $OUT/gpu_check_pinned.json 2>&1 | tee $OUT/gpu_check_pinned.log
 """
 
 from __future__ import annotations
@@ -242,10 +241,11 @@ def phase_parity(ctx: dict) -> dict:
     args = ctx["args"]
     model = load(ctx, "bfloat16")
     items, meta = probe_set(model, args)
-    out = {"probe": {"text_tokens": [len(it.input_ids) for it in items if it.grid is None][:len(args.probe_tokens)],
-                     "pages": [{"pixels": f"{m['key'].split('/')[2]}", "patches": len(it.pixel_values),
-                                "tokens": len(it.input_ids)} for it, m in zip(items, meta) if it.grid][
-                         :len(args.probe_pages)], "tasks": TASKS, "outputs": 2 * len(items)}}
+    first = items[:len(items) // len(TASKS)]  # the first task's inputs; the others repeat them
+    out = {"probe": {"text_tokens": [len(it.input_ids) for it in first if it.grid is None],
+                     "pages": [{"size": size, "patches": len(it.pixel_values), "tokens": len(it.input_ids)}
+                               for it, size in zip([it for it in first if it.grid], args.probe_pages)],
+                     "tasks": TASKS, "outputs": 2 * len(items)}}
     ours = {"padded": encode_both(model, items)}
     try:  # a failing varlen kernel must not cost the other figures
         model.varlen = True
@@ -254,16 +254,15 @@ def phase_parity(ctx: dict) -> dict:
         out["varlen_error"] = f"{type(e).__name__}: {e}"
     finally:
         model.varlen = False
-    theirs = None
+    theirs = ref = None
     try:
         ref = reference(ctx, torch.float32)
         if ref is not None:
             theirs = reference_outputs(ref, items, meta)
             out["reference"] = f"transformers {ref_versions()} float32 on {args.device}"
-        ref = None
     except Exception as e:  # the comparisons below still run, against jina_v4's fp32
         out["reference_error"] = f"{type(e).__name__}: {e}"
-        ref = None
+    ref = None
     free(ctx)
     ours["fp32"] = encode_both(load(ctx, "float32"), items)
     free(ctx, "float32")
@@ -372,20 +371,19 @@ def phase_deterministic(ctx: dict) -> dict:
     items = prep([text_of(n - 7, 20 + n) for n in args.det_tokens], "retrieval") + prep(
         probe_images([(500, 400)]), "retrieval")
     others = prep([text_of(n, 40 + n) for n in (50, 2 * max(args.det_tokens), 90)], ["code", "text-matching", "code"])
-    out = {}
+    out = {"inputs": [len(it.input_ids) for it in items]}
     for det in (True, False):
-        single, multi = {}, {}
-        for name, batch in (("alone", None), ("together", items), ("crowded", others[:1] + items + others[1:])):
-            def enc(b, mv):
-                return (list(model.encode_items(b, return_multivector=mv, deterministic=det)) if b is not None
-                        else [model.encode_items([it], return_multivector=mv, deterministic=det)[0] for it in items])
-            s, mv = enc(batch, False), enc(batch, True)
-            single[name], multi[name] = (s[1:1 + len(items)], mv[1:1 + len(items)]) if name == "crowded" else (s, mv)
-        pairs = [(a, b) for d in (single, multi) for other in ("together", "crowded") for a, b in zip(d["alone"], d[other])]
+        pairs = []
+        for mv in (False, True):
+            def enc(batch: list) -> list:
+                return list(model.encode_items(batch, return_multivector=mv, deterministic=det))
+
+            alone = [enc([it])[0] for it in items]
+            crowded = enc(others[:1] + items + others[1:])[1:1 + len(items)]
+            pairs += [(a, b) for other in (enc(items), crowded) for a, b in zip(alone, other)]
         out["deterministic" if det else "default"] = {
             "bit_identical": all(torch.equal(a, b) for a, b in pairs),
             "max_abs": max((a.double() - b.double()).abs().max().item() for a, b in pairs)}
-    out["inputs"] = [len(it.input_ids) for it in items]
     return out
 
 

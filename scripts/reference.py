@@ -115,6 +115,11 @@ class Reference:
     def hidden(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
                output_hidden_states: bool = False):
         """Final-normed hidden states (B, L, D), as the released get_last_hidden_states."""
+        return self.hidden_states(input_ids, attention_mask, task, pixel_values, image_grid_thw, output_hidden_states)
+
+    def hidden_states(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
+                      output_hidden_states: bool = False):
+        """`hidden`, differentiable when grad is enabled."""
         self.peft.set_adapter(task)
         model = self.ref.model
         dev = self.device
@@ -139,6 +144,10 @@ class Reference:
     @torch.no_grad()
     def pool(self, h, input_ids, attention_mask, task, multivector=False, truncate_dim=None):
         """The released heads: single vector pooled by row 0's rule, or masked multi-vectors."""
+        return self.heads(h, input_ids, attention_mask, task, multivector, truncate_dim)
+
+    def heads(self, h, input_ids, attention_mask, task, multivector=False, truncate_dim=None):
+        """`pool`, differentiable when grad is enabled."""
         cfg = self.config
         input_ids, attention_mask = input_ids.to(h.device), attention_mask.to(h.device)
         if multivector:
@@ -175,3 +184,37 @@ class Reference:
         b = self.image_batch(grid)
         h = self.hidden(b["input_ids"], b["attention_mask"], task, pixel_values, torch.tensor([grid]))
         return self.pool(h, b["input_ids"], b["attention_mask"], task, multivector, truncate_dim)
+
+    # ---- gradients: peft's own LoRA parameters, the released forward and heads with autograd ----------------
+
+    def trainable(self, task: str) -> dict[str, nn.Parameter]:
+        """Exactly `task`'s LoRA A/B require grad (peft's set_adapter); returns them under their adapter-file
+        keys (peft's state-dict names, `base_model.model....lora_A.<task>.weight`)."""
+        self.peft.set_adapter(task)
+        out = {}
+        for k, p in self.peft.named_parameters():
+            p.requires_grad_(".lora_" in k and k.endswith(f".{task}.weight"))
+            if p.requires_grad:
+                out[k] = p
+        return out
+
+    def embed_with_grad(self, inputs: list, task: str, prompt_name: str = "query"):
+        """Texts (str) and images ((pixel_values, grid) pairs) -> ([single (D,)], [multi (L_i, P)]) with
+        autograd: the texts as one right-padded batch, each image on its own, in input order."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        single, multi = [None] * len(inputs), [None] * len(inputs)
+        batches = []
+        if texts:
+            b = self.text_batch([x for _, x in texts], task, prompt_name)
+            batches.append(([i for i, _ in texts], b["input_ids"], b["attention_mask"], None, None))
+        for i, x in enumerate(inputs):
+            if not isinstance(x, str):
+                b = self.image_batch(x[1])
+                batches.append(([i], b["input_ids"], b["attention_mask"], x[0], torch.tensor([x[1]])))
+        for index, ids, mask, pixels, grid in batches:
+            h = self.hidden_states(ids, mask, task, pixels, grid)
+            s = self.heads(h, ids, mask, task)
+            m = self.heads(h, ids, mask, task, multivector=True)
+            for j, i in enumerate(index):
+                single[i], multi[i] = s[j], m[j]
+        return single, multi

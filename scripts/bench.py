@@ -10,6 +10,9 @@ vocabulary) and reduced depth is written once with random weights (scripts/synth
   d) jina_v4's achieved FLOP/s over the bare matmul FLOP/s of the same Linear shapes (the limit), and what
      deterministic=True costs (time with it over time without)
   e) load time and peak RSS of a full-size bf16 checkpoint (written once) against reading its files
+  f) training: forward + backward tokens/s of one task's LoRA on the same batch of texts (jina_v4's packed
+     `training.embed` against the reference's padded batch through peft), and peak memory with and without
+     per-layer activation checkpointing
 
 The reference is transformers Qwen2.5-VL + peft (scripts/reference.py) run as the released encode_* runs it:
 batches of 8 in input order, padded, half precision under autocast; "as released" also computes the tied LM
@@ -21,6 +24,7 @@ head's logits for every token and keeps every layer's hidden states, "no LM head
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -80,6 +84,7 @@ def reset_peak(device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the window starts from what is in use
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
     return status("VmRSS")
@@ -327,6 +332,58 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     return rows
 
 
+def bench_training(args, ckpt: Path, device) -> list[tuple]:
+    """f) One training step's forward + backward, in fp32 (the training dtype), on the same texts: the loss of
+    jina_v4.training on the single and multi-vectors of both sides (queries: even texts, passages: odd)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from jina_v4.training import Embeddings, embed, retrieval_loss, trainable
+    from reference import Reference
+
+    texts = texts_of(args.train_texts, args.min_tokens, args.train_max_tokens, seed=1)
+    n_tokens = sum(len(t.encode()) + 7 for t in texts)
+
+    def step(e: Embeddings) -> None:
+        half = lambda k: Embeddings(e.single[k::2], e.multi[k::2], e.mask[k::2])  # noqa: E731
+        retrieval_loss(half(0), half(1)).backward()
+
+    model = JinaV4.from_pretrained(ckpt, device=device, dtype="float32")
+    params = list(trainable(model, TASK).values())
+
+    def ours():
+        step(embed(model, texts, TASK))
+        for p in params:
+            p.grad = None
+
+    t_ours, m_ours = measure(ours, args.runs, device)
+    model.model.checkpointing = True
+    t_ckpt, m_ckpt = measure(ours, args.runs, device)
+    model = params = None
+    gc.collect()
+
+    ref = Reference(ckpt, torch.float32, str(device))
+    ref_params = list(ref.trainable(TASK).values())
+
+    def reference():
+        single, multi = ref.embed_with_grad(texts, TASK)
+        padded = pad_sequence(multi, batch_first=True)
+        mask = torch.arange(padded.shape[1]) < torch.tensor([len(m) for m in multi])[:, None]
+        step(Embeddings(torch.stack(single), padded, mask))
+        for p in ref_params:
+            p.grad = None
+
+    t_ref, m_ref = measure(reference, args.runs, device)
+    ref = None
+    gc.collect()
+    mib = 2**20
+    print(f"[training] {len(texts)} texts, {n_tokens} tokens, float32; the reference pads them to the longest "
+          f"({max(len(t.encode()) + 7 for t in texts)} tokens); with checkpointing {n_tokens / t_ckpt:.0f} tokens/s",
+          flush=True)
+    return [("float32: train fwd+bwd tokens/s", n_tokens / t_ours, n_tokens / t_ref, None, ">= 1.5x"),
+            ("float32: train peak MiB", m_ours / mib, m_ref / mib, None, "lower"),
+            ("float32: train peak MiB (ckpt)", m_ckpt / mib, m_ref / mib, None, "lower")]
+
+
 def ref_image_cfg(ckpt: Path):
     from jina_v4.config import PreprocessorConfig, read_json
 
@@ -350,6 +407,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/jina_v4_bench", help="where the synthetic checkpoints are kept")
     ap.add_argument("--skip-load", action="store_true", help="skip e) and its 7.5 GB full-size checkpoint")
+    ap.add_argument("--train-texts", type=int, default=16, help="texts of the training batch (f)")
+    ap.add_argument("--train-max-tokens", type=int, default=512)
+    ap.add_argument("--training-only", action="store_true", help="run f) alone")
     args = ap.parse_args()
     device = torch.device(args.device)
     root = Path(args.dir)
@@ -359,8 +419,9 @@ def main() -> None:
         write_checkpoint(ckpt, spec, seed=0)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; checkpoint {ckpt}")
     rows = []
-    for dtype in args.dtype:
+    for dtype in [] if args.training_only else args.dtype:
         rows += bench_dtype(args, ckpt, dtype, device)
+    rows += bench_training(args, ckpt, device)
     print(f"\n{'measure':<34} {'jina_v4':>10} {'ref':>10} {'ratio':>7} {'ref noLM':>10} {'ratio':>7}  target")
     for name, ours, rel, nolm, target in rows:
         lower_better = "peak" in name
@@ -370,7 +431,7 @@ def main() -> None:
 
         fmt = (lambda x: "" if x is None else f"{x:.3g}" if x < 100 else f"{x:,.0f}")
         print(f"{name:<34} {fmt(ours):>10} {fmt(rel):>10} {r(rel):>7} {fmt(nolm):>10} {r(nolm):>7}  {target}")
-    if not args.skip_load and device.type == "cpu":
+    if not args.skip_load and not args.training_only and device.type == "cpu":
         full = write_full_size(root / "full-size-bf16")
         out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(full)], capture_output=True, text=True)
         if out.returncode:

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> float:
 
     source = resolve(args.model)
     model = JinaV4.from_pretrained(source, device=device, dtype=args.dtype)
+    hidden = model.config.text_config.hidden_size
+    if any(not 0 < d <= hidden for d in args.matryoshka_dims):
+        raise SystemExit(f"error: --matryoshka-dims {args.matryoshka_dims}: each must be in 1..{hidden}")
     torch.manual_seed(args.seed)
     if args.task not in model.config.task_names:
         model.add_task(args.task, init_from=args.init_from)

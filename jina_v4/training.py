@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from . import lora
 from .heads import matryoshka, multi_vectors, single_vectors
+from .layers import Mode, mode
 from .processing import MAX_TEXT_TOKENS, Item
 
 
@@ -85,8 +86,9 @@ def embed_items(model: nn.Module, items: list[Item], deterministic: bool = False
     for batch in model.processor.batches(items, model.max_batch_tokens):
         batch = batch.to(model.device, model.dtype)
         h = model(batch, deterministic=deterministic)  # (T, D)
-        s = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes)  # (S, D)
-        m = multi_vectors(model.multi_vector_projector, h, batch.task).split(batch.seqs.lengths)  # (L_i, P)
+        with mode(Mode(deterministic=deterministic)):  # the projector's matmuls too, as encode_items runs them
+            s = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes)  # (S, D)
+            m = multi_vectors(model.multi_vector_projector, h, batch.task).split(batch.seqs.lengths)  # (L_i, P)
         for j, i in enumerate(batch.index):
             single[i], multi[i] = s[j], m[j]
     lengths = torch.tensor([len(m) for m in multi], device=model.device)

@@ -132,6 +132,12 @@ def test_embed_is_the_inference_forward(fresh):
     assert grads == set(params) and all(p.requires_grad == (n in params) for n, p in model.named_parameters())
     for p in params.values():
         p.grad = None
+    with torch.no_grad():  # deterministic: bit-identical to inference whatever shares the batch
+        alone = embed(model, inputs[:1], "retrieval", "passage", deterministic=True)
+        together = embed(model, inputs, "retrieval", "passage", deterministic=True)
+    expected = model.encode(inputs[:1], task="retrieval", prompt_name="passage", deterministic=True)
+    assert torch.equal(alone.single, expected) and torch.equal(together.single[:1], expected)
+    assert torch.equal(together.multi[:1, :alone.multi.shape[1]], alone.multi)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         embed(model, ["a"], "retrieval")
 

@@ -47,12 +47,22 @@ def mode(m: Mode):
 def rowwise(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     """fn(x, *rest) for a function of independent rows. In deterministic mode it runs on tiles of exactly ROWS
     rows (the last zero-padded), so every product a row takes part in has one shape whatever shares its batch:
-    BLAS libraries choose kernels, blocking and thread splits by shape."""
-    if not _MODE.get().deterministic:
-        return fn(x, *rest)
+    BLAS libraries choose kernels, blocking and thread splits by shape. Tiles are written into one output
+    buffer, so no full-size temporary is made (on a CPU a fresh buffer's page faults cost as much as a copy)."""
     n = x.shape[0]
-    padded = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, -n % ROWS)) for t in (x, *rest))
-    return torch.cat([fn(*tile) for tile in zip(*(t.split(ROWS) for t in padded))])[:n]
+    if not _MODE.get().deterministic or n == 0:
+        return fn(x, *rest)
+    out = None
+    for a in range(0, n, ROWS):
+        tile = [t[a:a + ROWS] for t in (x, *rest)]
+        m = tile[0].shape[0]
+        if m < ROWS:  # the last tile, zero-padded to the full shape
+            tile = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, ROWS - m)) for t in tile]
+        y = fn(*tile)[:m]
+        if out is None:
+            out = y.new_empty(n, *y.shape[1:])
+        out[a:a + m] = y
+    return out
 
 
 # ---- the one home of the in-place speed tricks --------------------------------------------------------------

@@ -317,7 +317,8 @@ def offline(model, body, deterministic=False):
     from jina_v4.serve_formats import TASKS
 
     task, prompt = TASKS[body.get("task", "text-matching")]
-    inputs = [x if isinstance(x, str) else {"image": base64.b64decode(x["image"])} for x in body["input"]]
+    inputs = [{"image": base64.b64decode(x["image"])} if isinstance(x, dict) and "image" in x else x
+              for x in body["input"]]
     return model.encode(inputs, task=task, prompt_name=prompt, truncate_dim=body.get("dimensions"),
                         return_multivector=body.get("return_multivector", False), deterministic=deterministic)
 

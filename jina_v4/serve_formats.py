@@ -251,7 +251,7 @@ def fetch(url: str, where: str, i: int, limits: Limits) -> bytes:
     cap, deadline, data = limits.max_body_bytes, time.monotonic() + limits.url_timeout, bytearray()
     try:
         with OPENER.open(url, timeout=limits.url_timeout) as r:
-            while chunk := r.read(65536):
+            while chunk := r.read1(65536):  # what has arrived: a slow sender meets the deadline
                 data += chunk
                 if len(data) > cap:
                     raise RequestError(400, f"{where}: {url} is over the size cap of {cap} bytes", i)

@@ -119,7 +119,16 @@ def web(tmp_path_factory):
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
-            if self.path == "/redirect":
+            if self.path == "/slow":  # a valid PNG, one byte every 50 ms
+                data = png(8, 8)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for b in data:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "ftp://127.0.0.1:1/beach1.png")
                 self.end_headers()
@@ -218,7 +227,8 @@ def test_openai_client_and_key(strict, model):
     r = client.embeddings.create(model="jina-embeddings-v4", input=texts)  # the client asks for base64
     expected = model.encode(texts, task="text-matching", deterministic=True)
     assert torch.equal(torch.tensor([d.embedding for d in r.data], dtype=torch.float32), expected)
-    r = client.embeddings.create(model="jina-embeddings-v4", input="one", dimensions=16, encoding_format="float")
+    r = client.embeddings.create(model="jina-embeddings-v4", input="one", dimensions=16, encoding_format="float",
+                                 user="someone")  # `user` is accepted and ignored
     assert torch.equal(torch.tensor(r.data[0].embedding), model.encode(["one"], task="text-matching", truncate_dim=16,
                                                                        deterministic=True)[0])
     ids = [[5, 17, 300, 2], [9, 9]]  # token ids: embedded as given, no prompt prefix
@@ -287,7 +297,7 @@ def test_refusals(server, model, body, raw, status, words, index):
     assert embed(server, {"input": ["still up"]})["data"][0]["index"] == 0
 
 
-def test_image_urls(server, strict, web):
+def test_image_urls(server, strict, web, model):
     base, _ = web
     for url, words in [(f"{base}/big.png", "size cap"), (f"{base}/missing.png", "HTTPError"),
                        (f"{base}/redirect", "non-http(s)")]:
@@ -295,6 +305,13 @@ def test_image_urls(server, strict, web):
         assert status == 400 and words in out["error"]["message"] and out["error"]["index"] == 1, out
     status, out = call(strict.url + "/v1/embeddings", {"input": [{"image": f"{base}/beach1.png"}]}, key="secret")
     assert status == 400 and "--allow-urls" in out["error"]["message"]
+    s = Server(create_app(model, "tiny", Limits(allow_urls=True, url_timeout=0.5)))
+    try:
+        t = time.perf_counter()
+        status, out = call(s.url + "/v1/embeddings", {"input": [{"image": f"{base}/slow"}]})
+        assert status == 400 and "took over 0.5 s" in out["error"]["message"] and time.perf_counter() - t < 3
+    finally:
+        s.stop()
 
 
 def requests_mix():
@@ -375,6 +392,55 @@ def test_deterministic_answers_are_bit_exact(strict, model):
     after = call(strict.url + "/health")[1]
     assert after["model_calls"] - before["model_calls"] == after["requests"] - before["requests"] == len(bodies) + 1
     check_answers(bodies, results, expected, exact=True)
+
+
+class StubModel:
+    """encode_items that waits for `go`, records the first id of every item it gets, fails on a "bad" item."""
+
+    max_batch_tokens = 100
+
+    def __init__(self):
+        self.go, self.calls = threading.Event(), []
+
+    def encode_items(self, items, return_multivector=False, truncate_dim=None, deterministic=False):
+        assert self.go.wait(30)
+        self.calls.append([it.input_ids[0] for it in items])
+        if any(it.task == "bad" for it in items):
+            raise ValueError("a bad item")
+        return torch.tensor([[float(it.input_ids[0])] for it in items])
+
+
+def test_worker_packs_by_settings_budget_and_count():
+    from jina_v4.serve import Job, Worker
+    from jina_v4.serve_formats import RequestError
+
+    def job(first, n, key=(False, None), task="t"):
+        return Job([Item([first + i], task) for i in range(n)], key, 10 * n)
+
+    model = StubModel()
+    worker = Worker(model, max_requests=3, max_queued=7)
+    first = worker.submit(job(0, 1))
+    while worker.pending:  # the worker holds the first job, waiting for `go`
+        time.sleep(0.001)
+    jobs = [job(100, 2), job(200, 1, key=(True, None)), job(300, 3), job(400, 1, task="bad"), job(500, 5),
+            job(600, 1), job(700, 5)]
+    futures = [worker.submit(j) for j in jobs]
+    with pytest.raises(RequestError) as full:
+        worker.submit(job(800, 1))
+    assert full.value.status == 503
+    model.go.set()
+    assert [v.tolist() for v in first.result(30)] == [[0.0]]
+    assert [[v.item() for v in f.result(30)] for f in (futures[0], futures[2], futures[4], futures[5])] == [
+        [100, 101], [300, 301, 302], [500, 501, 502, 503, 504], [600]]
+    assert [v.item() for v in futures[6].result(30)] == [700, 701, 702, 703, 704]
+    with pytest.raises(ValueError, match="a bad item"):
+        futures[3].result(30)
+    assert [v.item() for v in futures[1].result(30)] == [200]
+    worker.close()
+    # the same settings pack up to 3 requests; the bad one's batch is rerun one request at a time; other settings
+    # wait for their own call; the 100-token budget keeps the last one out of the 500 + 600 call
+    assert model.calls == [[0], [100, 101, 300, 301, 302, 400], [100, 101], [300, 301, 302], [400], [200],
+                           [500, 501, 502, 503, 504, 600], [700, 701, 702, 703, 704]]
 
 
 def test_404_and_405_are_json(server):

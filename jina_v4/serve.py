@@ -144,7 +144,7 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
     # multi-threaded CPU is not bit-exact (NOTES.md, "Serving").
     worker = Worker(model, deterministic, 1 if deterministic else max_batch_requests, max_batch_tokens, max_queued)
     limiter = anyio.CapacityLimiter(prepare_threads)  # threads reading inputs and writing answers: bounds memory
-    state = {"in_flight": 0}
+    state = {"received": 0, "in_flight": 0}
     key = f"Bearer {api_key}".encode() if api_key else None
 
     def refuse(e: RequestError) -> JSONResponse:
@@ -174,6 +174,7 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
             raise RequestError(400, f"the body is not valid JSON ({e})") from None
 
     async def embeddings(request):
+        state["received"] += 1
         state["in_flight"] += 1
         try:
             check_key(request)
@@ -193,8 +194,8 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
             state["in_flight"] -= 1
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": name, "in_flight": state["in_flight"],
-                             "queued": len(worker.pending), "model_calls": worker.calls, "requests": worker.requests})
+        return JSONResponse({"status": "ok", "model": name, **state, "queued": len(worker.pending),
+                             "model_calls": worker.calls, "requests": worker.requests})
 
     async def models(request):
         try:

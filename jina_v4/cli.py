@@ -4,6 +4,7 @@
     jina-v4 score "a query" --doc "a text" --image docs/    # ranked cosine or MaxSim table
     jina-v4 heatmap "a query" page.png -o heat.png          # where on the page the query matches
     jina-v4 info                                            # config and parameter counts (reads no weights)
+    jina-v4 serve --model DIR                               # the embeddings HTTP API (serve.py)
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="also every tensor of one layer, block and head")
     model_options(p, task=False)
     p.set_defaults(run=info)
+
+    from .serve import add_parser as add_serve  # starlette and uvicorn load only when the server starts
+    add_serve(sub)
     return ap
 
 

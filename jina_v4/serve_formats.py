@@ -1,0 +1,299 @@
+"""The two request formats of `POST /v1/embeddings` for `jina-v4 serve`, and their answers.
+
+Jina's: `input` as strings or {"text"} / {"image"} objects, `task`, `dimensions`, `embedding_type`,
+`return_multivector`, `late_chunking`, `truncate`, `normalized`. OpenAI's: `input` as a string, strings or token ids,
+`encoding_format`, `dimensions`, `user`. A body is OpenAI's when it names `encoding_format` or sends token ids.
+Every refusal is a `RequestError`: an HTTP status and a message naming the input index. Images are decoded here
+(a data URI, bare base64, or an http(s) URL when allowed) and reach the model as PIL images, so a request never
+makes the server read its own disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ALIAS = "jina-embeddings-v4"  # the hosted model's name; accepted besides the served checkpoint's own
+TASKS = {"retrieval.query": ("retrieval", "query"), "retrieval.passage": ("retrieval", "passage"),
+         "text-matching": ("text-matching", "query"), "code.query": ("code", "query"),
+         "code.passage": ("code", "passage")}  # Jina task -> (adapter, prompt name)
+JINA_FIELDS = ["model", "input", "task", "dimensions", "embedding_type", "return_multivector", "late_chunking",
+               "truncate", "normalized"]
+OPENAI_FIELDS = ["model", "input", "encoding_format", "dimensions", "user", "task"]
+EMBEDDING_TYPES = ["float", "base64", "binary", "ubinary"]
+ENCODING_FORMATS = ["float", "base64"]
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]  # never PIL's EPS (Ghostscript) or other plugins
+MAGIC = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # how those files begin
+CHUNK_JOIN = " "  # late chunking: the document is the input texts joined by one space
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, index: int | None = None):
+        super().__init__(message)
+        self.status, self.index = status, index
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "code": self.status, "index": self.index}}
+
+
+@dataclass
+class Limits:
+    max_items: int = 2048  # inputs per request
+    max_tokens: int = 131072  # tokens per request, all inputs together (an image counts its tokens)
+    max_length: int = 32768  # tokens per input: cut there, or refused with truncate=false
+    max_body_bytes: int = 32 * 2**20  # request body; also the cap on one downloaded image
+    max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    allow_urls: bool = False
+    url_timeout: float = 10.0  # seconds for one image download, all of it
+
+
+@dataclass
+class Request:
+    model: str
+    inputs: list  # str | {"text": str} | {"image": str} | list[int] (token ids)
+    task: str  # a key of TASKS
+    dimensions: int | None
+    types: list[str]  # encodings of each embedding
+    keyed: bool  # types given as a list: `embedding` is an object keyed by type
+    multivector: bool
+    late_chunking: bool
+    truncate: bool
+
+
+def valid(value: Any, choices: list, what: str) -> Any:
+    if type(value) not in {type(c) for c in choices} or value not in choices:  # True is not 1, 8.0 is not 8
+        raise RequestError(400, f"{what}: {json.dumps(value)} is not valid; valid values are {json.dumps(choices)}")
+    return value
+
+
+def parse(body: Any, names: list[str], dims: tuple[int, ...], default_task: str, limits: Limits) -> Request:
+    """A decoded JSON body -> a checked Request (fields, values, item count); inputs are read later by `prepare`."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    x = body.get("input")
+    if isinstance(x, list) and x and all(type(v) is int for v in x):
+        x = [x]  # one token-id sequence
+    inputs = [x] if isinstance(x, str) else x
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(400, "input: give a string or a non-empty list of strings, {\"text\"} / {\"image\"} "
+                                "objects, or token-id lists")
+    tokens = [isinstance(v, list) for v in inputs]
+    openai = "encoding_format" in body or any(tokens)
+    fields = OPENAI_FIELDS if openai else JINA_FIELDS
+    unknown = [k for k in body if k not in fields]
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {unknown} for the {'OpenAI' if openai else 'Jina'} format; "
+                                f"valid fields are {fields}")
+    if len(inputs) > limits.max_items:
+        raise RequestError(413, f"input holds {len(inputs)} items, over the limit of {limits.max_items} "
+                                "(--max-items)")
+    if any(tokens) and not all(tokens):
+        i = tokens.index(not tokens[0])
+        raise RequestError(400, f"input[{i}]: token-id lists and other inputs cannot share a request", i)
+    for i, v in enumerate(inputs):
+        if isinstance(v, dict) and not openai:
+            if len(v) != 1 or next(iter(v)) not in ("text", "image") or not isinstance(next(iter(v.values())), str):
+                raise RequestError(400, f"input[{i}]: an object must be {{\"text\": string}} or "
+                                        f"{{\"image\": string}}, got {json.dumps(v)[:80]}", i)
+        elif not isinstance(v, (str, list)):
+            kinds = "strings or token-id lists" if openai else "strings or {\"text\"} / {\"image\"} objects"
+            raise RequestError(400, f"input[{i}] is {type(v).__name__}; input takes {kinds}", i)
+    model = valid(body.get("model", names[0]), names, "model")
+    task = valid(body.get("task", default_task), list(TASKS), "task")
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        valid(dimensions, list(dims), "dimensions")
+    flags = [valid(body.get(k, k == "truncate"), [True, False], k) for k in ("return_multivector", "late_chunking",
+                                                                           "truncate")]
+    valid(body.get("normalized", True), [True], "normalized")  # embeddings are always unit length
+    if openai:
+        types, keyed = [valid(body.get("encoding_format", "float"), ENCODING_FORMATS, "encoding_format")], False
+    else:
+        t = body.get("embedding_type", "float")
+        keyed = isinstance(t, list)
+        types = list(dict.fromkeys(valid(k, EMBEDDING_TYPES, "embedding_type") for k in (t if keyed else [t])))
+        if not types:
+            raise RequestError(400, f"embedding_type: an empty list; valid values are {json.dumps(EMBEDDING_TYPES)}")
+    request = Request(model, inputs, task, dimensions, types, keyed, *flags)
+    if request.multivector and dimensions is not None:
+        raise RequestError(400, "dimensions applies to single vectors; multi-vectors are always 128-d per token")
+    if request.late_chunking:
+        if request.multivector:
+            raise RequestError(400, "late_chunking gives single vectors: drop return_multivector")
+        for i, v in enumerate(inputs):
+            if not (isinstance(v, str) or (isinstance(v, dict) and "text" in v)):
+                raise RequestError(400, f"input[{i}]: late_chunking takes texts only (chunks of one document)", i)
+    return request
+
+
+def prepare(request: Request, processor, limits: Limits) -> tuple[Any, int]:
+    """Request -> (work, tokens): a list of `Item`s for the model worker, or for late chunking the arguments
+    (text, spans, task, prompt_name, max_length) of `encode_chunks`. Runs outside the event loop."""
+    from .processing import Item
+
+    task, prompt = TASKS[request.task]
+    n, x = limits.max_length, request.inputs
+    if request.late_chunking:
+        texts = [v if isinstance(v, str) else v["text"] for v in x]
+        return chunk_work(texts, task, prompt, request.truncate, processor, limits)
+    if isinstance(x[0], list):  # token ids are embedded as given: no prompt prefix, no tokenizer
+        vocab, pad = processor.config.text_config.vocab_size, processor.config.image_token_id
+        for i, ids in enumerate(x):
+            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab or t == pad]
+            if not ids or bad:
+                why = f"{json.dumps(bad[0])} is not a token id in [0, {vocab}), or is the image placeholder"
+                raise RequestError(400, f"input[{i}]: {why if bad else 'an empty token-id list'}", i)
+        items = [Item(list(ids[:n]), task, dropped=max(0, len(ids) - n)) for ids in x]
+    else:
+        values = [{"image": decode_image(v["image"], i, limits)} if isinstance(v, dict) and "image" in v
+                  else {"text": v if isinstance(v, str) else v["text"]} for i, v in enumerate(x)]
+        items = processor.prepare(values, task, prompt, n, errors="return", name="input")
+    for i, item in enumerate(items):
+        if isinstance(item, Exception):
+            raise RequestError(400, str(item), i)
+        if item.dropped and not request.truncate:
+            raise RequestError(400, f"input[{i}]: {len(item.input_ids) + item.dropped} tokens, over max_length={n} "
+                                    "(truncate is false)", i)
+    return items, check_tokens(sum(len(it.input_ids) for it in items), limits)
+
+
+def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, processor, limits: Limits
+               ) -> tuple[tuple, int]:
+    """Late chunking: the texts joined by CHUNK_JOIN are one document, each text a chunk whose span is where it
+    stands in the document. Every chunk must keep a token (by `encode_chunks`' rule: a token's first
+    non-whitespace character places it)."""
+    from .chunking import anchors, chunk_token_mask
+    from .processing import checked_text, text_prompt
+
+    spans, start, n = [], 0, limits.max_length
+    for i, t in enumerate(texts):
+        try:
+            if not checked_text(t, f"input[{i}]"):
+                raise ValueError(f"input[{i}]: an empty chunk")
+        except ValueError as e:
+            raise RequestError(400, str(e), i) from None
+        spans.append((start, start + len(t)))
+        start += len(t) + len(CHUNK_JOIN)
+    text = CHUNK_JOIN.join(texts)
+    prompt_text = text_prompt(text, task, prompt)
+    item = processor.tokenize([prompt_text], n)[0]
+    if item.dropped and not truncate:
+        raise RequestError(400, f"the joined document is {len(item.input_ids) + item.dropped} tokens, over "
+                                f"max_length={n} (truncate is false)")
+    shift = len(prompt_text) - len(text)
+    kept = chunk_token_mask(anchors(text, [(a - shift, b - shift) for a, b in item.offsets]), spans).sum(1)
+    for i, k in enumerate(kept.tolist()):
+        if k == 0:
+            raise RequestError(400, f"input[{i}]: no token of its own (whitespace, or cut at max_length={n})", i)
+    return (text, spans, task, prompt, n), check_tokens(len(item.input_ids), limits)
+
+
+def check_tokens(tokens: int, limits: Limits) -> int:
+    if tokens > limits.max_tokens:
+        raise RequestError(413, f"the request holds {tokens} tokens, over the limit of {limits.max_tokens} "
+                                "(--max-tokens)")
+    return tokens
+
+
+def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
+    """An http(s) URL (with --allow-urls), a data URI or bare base64 -> an RGB PIL image; anything else is refused,
+    a file path above all: a request never reads the server's disk."""
+    where = f"input[{i}]"
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if scheme:
+        if scheme[1].lower() not in ("http", "https"):
+            raise RequestError(400, f"{where}: {scheme[1]}:// URLs are refused; send an http(s) URL, a data URI or "
+                                    "base64", i)
+        if not limits.allow_urls:
+            raise RequestError(400, f"{where}: image URLs are refused (the server runs without --allow-urls); send "
+                                    "the image as a data URI or base64", i)
+        return open_image(fetch(value, where, i, limits), where, i, limits)
+    if value.startswith("data:") and ";base64," not in value:
+        raise RequestError(400, f"{where}: a data URI must read data:<type>;base64,<data>", i)
+    payload = re.sub(r"\s+", "", value.partition(",")[2] if value.startswith("data:") else value)
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        data = None
+    if (data is None or not data.startswith(MAGIC)) and re.search(r"[/\\]|^~|\.[A-Za-z0-9]{2,5}$", value):
+        raise RequestError(400, f"{where}: {value[:60]!r} reads as a file path, and a request never reads the "
+                                "server's disk; send the image as base64 or a data URI", i)
+    if data is None:
+        raise RequestError(400, f"{where}: the image is neither an http(s) URL, a data URI nor base64", i)
+    return open_image(data, where, i, limits)
+
+
+class SafeRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise urllib.error.URLError(f"redirect to a non-http(s) URL {newurl!r} refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+OPENER = urllib.request.build_opener(SafeRedirects)
+
+
+def fetch(url: str, where: str, i: int, limits: Limits) -> bytes:
+    """The URL's bytes, within the size cap and the timeout (for the whole download, not per read)."""
+    cap, deadline, data = limits.max_body_bytes, time.monotonic() + limits.url_timeout, bytearray()
+    try:
+        with OPENER.open(url, timeout=limits.url_timeout) as r:
+            while chunk := r.read1(65536):  # what has arrived: a slow sender meets the deadline
+                data += chunk
+                if len(data) > cap:
+                    raise RequestError(400, f"{where}: {url} is over the size cap of {cap} bytes", i)
+                if time.monotonic() > deadline:
+                    raise RequestError(400, f"{where}: {url} took over {limits.url_timeout:g} s", i)
+    except RequestError:
+        raise
+    except Exception as e:  # URLError, HTTPError, timeouts, bad status lines
+        raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {e})", i) from None
+    return bytes(data)
+
+
+def open_image(data: bytes, where: str, i: int, limits: Limits) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only (and PIL's bomb guard)
+        if img.width * img.height > limits.max_image_pixels:
+            raise RequestError(400, f"{where}: the image is {img.width}x{img.height} = {img.width * img.height:,} "
+                                    f"pixels, over the limit of {limits.max_image_pixels:,} (--max-image-pixels)", i)
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except RequestError:
+        raise
+    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, truncated data, ...
+        raise RequestError(400, f"{where}: not a decodable image ({type(e).__name__}: {e})", i) from None
+
+
+def encode(v: np.ndarray, kind: str) -> Any:
+    """One embedding (D,) or multi-vector (L, D) float32 in one encoding; multi-vectors row by row."""
+    if kind == "float":
+        return v.tolist()
+    if kind == "base64":  # little-endian float32 bytes
+        rows = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in v.reshape(-1, v.shape[-1])]
+        return rows[0] if v.ndim == 1 else rows
+    bits = np.packbits(v > 0, axis=-1)  # sign bits, the first dimension in the high bit of byte 0
+    return (bits if kind == "ubinary" else (bits.astype(np.int16) - 128).astype(np.int8)).tolist()
+
+
+def answer(request: Request, vectors: list[np.ndarray], tokens: int) -> dict:
+    key = "embeddings" if request.multivector else "embedding"
+    data = []
+    for i, v in enumerate(vectors):
+        e = {kind: encode(v, kind) for kind in request.types}
+        data.append({"object": "embedding", "index": i, key: e if request.keyed else e[request.types[0]]})
+    return {"model": request.model, "object": "list", "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+            "data": data}

@@ -6,19 +6,17 @@ import gc
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
-ray = pytest.importorskip("ray")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
-from jina_v4.cli import main  # noqa: E402
-from jina_v4.ray_data import EmbedError, Embedder, embed_corpus, read_vectors  # noqa: E402
+from jina_v4.cli import main
+from jina_v4.ray_data import EmbedError, Embedder, embed_corpus, read_vectors
 
 TEXTS = [f"document {i}: " + "words and more words " * (1 + i % 4) for i in range(10)]
 DIE_AT = 5  # the id whose batch kills its actor

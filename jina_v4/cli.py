@@ -76,6 +76,12 @@ def expand_images(specs: list[str]) -> list[str]:
 
 
 def embed(args) -> None:
+    if args.ray is not None:
+        try:
+            from .ray_data import run
+        except ImportError as e:
+            raise CLIError(f"--ray needs Ray Data ({e}): pip install 'jina_v4[ray]'") from None
+        return run(args)
     from .jobs import SUFFIXES, Job, run_to_file, run_to_shards
 
     out = args.output
@@ -94,7 +100,8 @@ def embed(args) -> None:
     job = Job(model, [{"text": t} for t in texts] + [{"image": p} for p in images], texts + images, settings,
               args.batch_size, args.on_error, args.quiet)
     if sharded:
-        done_now, done_before = run_to_shards(job, Path(out), "." + args.format, args.shard_size, args.report)
+        suffix = "." + (args.format or "safetensors")
+        done_now, done_before = run_to_shards(job, Path(out), suffix, args.shard_size, args.report)
         resumed = f"; {done_before} were done by an earlier run" if done_before else ""
     else:
         done_now, resumed = run_to_file(job, out, args.report), ""
@@ -232,12 +239,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
     p.add_argument("-o", "--output", help="out.npy, out.safetensors or out.jsonl, or a directory for shards that a "
                                           "rerun resumes (default: JSON lines on stdout)")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "jsonl", "npy"],
-                   help="the shards' format, when --output is a directory")
-    p.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
+    p.add_argument("--format", choices=["safetensors", "jsonl", "npy"],
+                   help="the shards' format, when --output is a directory (default: safetensors)")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="inputs per shard (default 1000); with --ray, rows per actor batch and per parquet file")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                    help="a bad input stops the run (fail), or is left out and reported (skip)")
     p.add_argument("--report", help="where skipped inputs are listed (default: beside the output)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="embed --input (.jsonl, .parquet, image directories) on Ray into parquet files in -o DIR; "
+                        "ADDRESS: auto or ray://host:10001 (none: start a local Ray)")
+    p.add_argument("--actors", type=int, help="with --ray: model replicas (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="with --ray: GPUs per replica (default: 1 if the cluster "
+                                                        "has GPUs, else 0)")
     model_options(p)
     p.set_defaults(run=embed)
 

@@ -1,0 +1,300 @@
+"""A corpus embedded on a Ray cluster with Ray Data, behind `jina-v4 embed --ray`.
+
+`Embedder` is the callable class for `Dataset.map_batches`: a pool of actors, each loading one JinaV4 in
+`__init__`, called on batches of rows (an id, and a text or an image: bytes or a path). It returns Arrow:
+    id         as given (row numbers, strings, ...)
+    embedding  single vectors: fixed_size_list<float32>[D]; multi-vectors: list<fixed_size_list<float32>[128]>
+               (one 128-d vector per token); null for a row that was skipped
+    skipped    with on_error="skip" only: struct<input, error>, null for a row that was embedded
+`embed_corpus` runs jsonl/parquet files or image directories through an actor pool into parquet files of `id`
+and `embedding` (skipped rows into a report); `read_vectors` loads them. Scheduling, retries and progress
+bars are Ray's own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.block import BlockAccessor
+
+from .config import check_truncate_dim
+from .loading import CONFIG_FILES, read_configs, resolve
+from .model import JinaV4
+from .processing import Item, checked_text, describe, preview
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class EmbedError(ValueError):
+    """A bad input (under on_error="fail"), file or option: the message names it (an input by its id) and why."""
+
+
+class Embedder:
+    """One JinaV4 per actor; called on batches (a pyarrow Table or a dict of arrays) of `id_column` and
+    `text_column` and/or `image_column` (bytes, a path or an http(s) URL); each row holds one of the two."""
+
+    def __init__(self, model: str, task: str = "retrieval", prompt_name: str | None = None,
+                 multivector: bool = False, truncate_dim: int | None = None, max_pixels: int | None = None,
+                 dtype: str | None = None, device: str | None = None, on_error: str = "fail",
+                 batch_size: int | None = None, text_column: str = "text", image_column: str = "image",
+                 id_column: str = "id"):
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
+        self.model = JinaV4.from_pretrained(model, device=device, dtype=dtype)
+        self.model.task = task
+        self.prompt_name, self.multivector, self.truncate_dim = prompt_name, multivector, truncate_dim
+        self.max_pixels, self.on_error, self.batch_size = max_pixels, on_error, batch_size
+        self.text_column, self.image_column, self.id_column = text_column, image_column, id_column
+
+    def __call__(self, batch: pa.Table | dict) -> pa.Table:
+        cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
+        ids, none = cols[self.id_column], [None] * len(cols[self.id_column])
+        texts, images = cols.get(self.text_column, none), cols.get(self.image_column, none)
+        inputs = [{"text": t} if i is None else {"image": i} for t, i in zip(texts, images)]
+        items = self.model.processor.prepare(inputs, self.model.task, self.prompt_name, max_pixels=self.max_pixels,
+                                             errors="return")
+        skipped: list[dict | None] = [None] * len(ids)
+        for j, (t, i) in enumerate(zip(texts, images)):
+            if t is not None and i is not None or t is None and i is None:
+                items[j] = ValueError(f"a row holds a {self.text_column!r} or an {self.image_column!r}, "
+                                      f"{'not both' if t is not None else 'and this one has neither'}")
+            if not isinstance(items[j], Item):
+                reason = getattr(items[j], "reason", None) or str(items[j])
+                what = f"<{len(i)} bytes>" if isinstance(i, bytes) else preview(str(i if t is None else t), 200)
+                if self.on_error == "fail":
+                    raise EmbedError(f"id {ids[j]!r} ({what}): {reason}")
+                skipped[j] = {"input": what, "error": reason}
+        ok = [j for j, s in enumerate(skipped) if s is None]
+        vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
+                                       return_multivector=self.multivector, truncate_dim=self.truncate_dim)
+        out = {"id": pa.array(ids), "embedding": self.vector_column(vecs, ok, len(ids))}
+        if self.on_error == "skip":
+            out["skipped"] = pa.array(skipped, pa.struct([("input", pa.string()), ("error", pa.string())]))
+        return pa.table(out)
+
+    def vector_column(self, vecs, ok: list[int], n: int) -> pa.Array:
+        """The vectors of rows `ok` as an Arrow column of n rows, null elsewhere."""
+        mask = None if len(ok) == n else pa.array(~np.isin(np.arange(n), ok))
+        if not self.multivector:  # (len(ok), D) -> n fixed-size lists
+            full = np.zeros((n, vecs.shape[1]), dtype=vecs.numpy().dtype)
+            full[ok] = vecs.numpy()
+            return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), vecs.shape[1], mask=mask)
+        lengths = np.zeros(n, dtype=np.int32)  # len(ok) x (L_i, P) -> n lists of L_i fixed-size lists
+        lengths[ok] = [len(v) for v in vecs]
+        flat = np.concatenate([v.numpy().reshape(-1) for v in vecs] or [np.zeros(0, np.float32)])
+        tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.model.config.multi_vector_projector_dim)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, tokens, mask=mask)
+
+
+class VectorSink(ray.data.Datasink):
+    """Parquet files of `id` and `embedding` in `directory`; rows with a `skipped` record are left out and
+    their records collected on the driver (`self.skipped`). Each write task writes one file named after its
+    task index, under a temporary name first, so a retried task replaces its file instead of adding one."""
+
+    def __init__(self, directory: str):
+        self.directory, self.skipped, self.rows = directory, [], 0
+
+    def write(self, blocks, ctx) -> tuple[int, list[dict]]:
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        if not tables:
+            return 0, []
+        table, skipped = pa.concat_tables(tables), []
+        if "skipped" in table.column_names:
+            rows = table.filter(bad := table["skipped"].is_valid())
+            skipped = [{"id": i, **s} for i, s in zip(rows["id"].to_pylist(), rows["skipped"].to_pylist())]
+            table = table.filter(pc.invert(bad)).drop_columns(["skipped"])
+        if table.num_rows:
+            path = os.path.join(self.directory, f"part-{ctx.task_idx:05d}.parquet")
+            pq.write_table(table, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return table.num_rows, skipped
+
+    def on_write_complete(self, result) -> None:
+        self.rows = sum(n for n, _ in result.write_returns)
+        self.skipped = [r for _, s in result.write_returns for r in s]
+
+
+def read_jsonl(paths: list[Path], fields: tuple[str, str, str], on_error: str) -> tuple[pa.Table, list[dict]]:
+    """JSON-lines files -> (a table of id, text, image; skip records), read on the driver: the default ids, row
+    numbers over the files (blank lines not counted), are fixed before anything is distributed. Image paths are
+    relative to the file. A text or image Arrow cannot hold (not a str, a lone surrogate) is a bad input here."""
+    (id_f, text_f, image_f), cols, skipped, given = fields, {"id": [], "text": [], "image": []}, [], None
+    for path in paths:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EmbedError(f"{path}:{n}: not valid JSON ({e})") from None
+            given = given if given is not None else isinstance(obj, dict) and id_f in obj
+            if not isinstance(obj, dict) or (id_f in obj) != given:
+                raise EmbedError(f"{path}:{n}: not a JSON object, or the {id_f!r} field is in some lines and not "
+                                 "in others (without it, the ids are the row numbers)")
+            row = {"id": obj[id_f] if given else len(cols["id"]) + len(skipped), "text": obj.get(text_f),
+                   "image": obj.get(image_f)}
+            if not isinstance(row["id"], (int, str)) or isinstance(row["id"], bool):
+                raise EmbedError(f"{path}:{n}: the {id_f!r} field is {describe(row['id'])}, not an int or a str")
+            try:
+                for key in [k for k in ("text", "image") if row[k] is not None]:
+                    checked_text(row[key], f"{path}:{n}: {key}")
+            except (TypeError, ValueError) as e:
+                if on_error == "fail":
+                    raise EmbedError(f"id {row['id']!r}: {e}") from None
+                skipped.append({"id": row["id"], "input": describe(obj, 200), "error": str(e)})
+                continue
+            if isinstance(row["image"], str) and not row["image"].startswith(("http://", "https://")):
+                row["image"] = str(path.absolute().parent / row["image"])  # an absolute path stays as it is
+            for key in cols:
+                cols[key].append(row[key])
+    if len(set(cols["id"])) < len(cols["id"]) or len({type(i) for i in cols["id"]}) > 1:
+        raise EmbedError(f"the {id_f!r} fields are not unique, or not all of one type")
+    return pa.table({k: pa.array(v, None if k == "id" else pa.string()) for k, v in cols.items()}), skipped
+
+
+def read_row_group(piece: dict[str, Any], fields: tuple[str, str, str]) -> pa.Table:
+    """One row group of a parquet file (`piece`: path, group, row number of its first row) -> id, text and/or
+    image (bytes, or paths as the workers see them)."""
+    (path, group, first), (id_f, text_f, image_f) = (piece[k][0] for k in ("path", "group", "first")), fields
+    t = pq.ParquetFile(str(path)).read_row_group(int(group))
+    cols = {"id": t[id_f] if id_f in t.column_names else pa.array(np.arange(first, first + t.num_rows))}
+    cols |= {k: t[f] for k, f in (("text", text_f), ("image", image_f)) if f in t.column_names}
+    return pa.table(cols)
+
+
+def read_corpus(inputs: list[str], rows: int, fields: tuple[str, str, str] = ("id", "text", "image"),
+                on_error: str = "fail") -> tuple[ray.data.Dataset, int, list[dict]]:
+    """jsonl files, parquet files or image directories -> (a dataset of id, text and/or image in blocks of about
+    `rows` rows, the number of rows, rows skipped while reading). Images in directories: the ids are paths."""
+    paths = [Path(p) for p in inputs]
+    kinds = {"dir" if p.is_dir() else p.suffix if p.is_file() else "missing" for p in paths}
+    if len(kinds) != 1 or not kinds <= {"dir", ".jsonl", ".parquet"}:
+        raise EmbedError(f"{', '.join(inputs)}: --input takes existing .jsonl files, .parquet files or image "
+                         "directories, one kind at a time")
+    if (kind := kinds.pop()) == "dir":
+        if not (files := sorted(str(f) for p in paths for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)):
+            raise EmbedError(f"{', '.join(inputs)}: no image files")
+        ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=-(-len(files) // rows))
+        return ds.rename_columns({"path": "id", "bytes": "image"}), len(files), []
+    if kind == ".jsonl":
+        table, skipped = read_jsonl(paths, fields, on_error)
+        blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+        return ray.data.from_arrow(blocks), table.num_rows + len(skipped), skipped
+    pieces, ids, n, has_id = [], [], 0, fields[0] in pq.ParquetFile(paths[0]).schema_arrow.names
+    for p in paths:
+        file = pq.ParquetFile(p)
+        names = file.schema_arrow.names
+        if not {fields[1], fields[2]} & set(names) or has_id != (fields[0] in names):
+            raise EmbedError(f"{p}: columns {names}: each file needs a {fields[1]!r} or {fields[2]!r} column, "
+                             f"and an {fields[0]!r} column if and only if the first file has one")
+        ids += file.read([fields[0]])[fields[0]].to_pylist() if has_id else []
+        for g in range(file.metadata.num_row_groups):
+            pieces.append({"path": str(p), "group": g, "first": n})
+            n += file.metadata.row_group(g).num_rows
+    if len(set(ids)) < len(ids):
+        raise EmbedError(f"the {fields[0]!r} column is not unique")
+    ds = ray.data.from_items(pieces).map_batches(read_row_group, batch_size=1, fn_kwargs={"fields": fields})
+    return ds.repartition(target_num_rows_per_block=rows), n, []
+
+
+def check_options(model: str, kw: dict) -> None:
+    """What would fail in every actor fails here, once: the model (its config files), task, truncate_dim."""
+    config, task = read_configs(resolve(model, files=CONFIG_FILES))[0], kw.get("task", "retrieval")
+    if task not in config.task_names:
+        raise EmbedError(f"unknown task {task!r}: valid tasks are {list(config.task_names)}")
+    if kw.get("multivector") and kw.get("truncate_dim"):
+        raise EmbedError("truncate_dim applies to single vectors; multi-vectors are never truncated")
+    check_truncate_dim(kw.get("truncate_dim"), config.matryoshka_dims)
+
+
+def embed_corpus(inputs: list[str], output: str, model: str, *, actors: int | None = None,
+                 gpus_per_actor: float | None = None, cpus_per_actor: float | None = None, rows: int = 1000,
+                 report: str | None = None, fields: tuple[str, str, str] = ("id", "text", "image"),
+                 cls: type = Embedder, **embedder_kwargs) -> dict:
+    """Read `inputs`, embed them on a pool of `cls` actors (kwargs as Embedder's; default: 1 GPU each, one per
+    GPU, or one) into output/part-*.parquet, skipped rows into `report` (output/skipped.jsonl). Ray must run."""
+    out, start = Path(output), time.perf_counter()
+    if out.exists() and (not out.is_dir() or any(out.glob("part-*.parquet"))):
+        raise EmbedError(f"{output} holds an earlier run's parquet files (or is a file); use a new directory")
+    gpus, cpus = ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
+    gpus_per_actor = (1 if gpus else 0) if gpus_per_actor is None else gpus_per_actor
+    actors = actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+    if cpus_per_actor is None:  # one CPU stays free, or reads and writes wait forever behind actors holding all
+        cpus_per_actor = min(max(cpus - 1, 0) / actors, 1 if gpus_per_actor else cpus)
+    embedder_kwargs["device"] = embedder_kwargs.get("device") or ("cuda" if gpus_per_actor else "cpu")
+    check_options(model, embedder_kwargs)
+    ds, n, skipped = read_corpus(inputs, rows, fields, embedder_kwargs.get("on_error", "fail"))
+    out.mkdir(parents=True, exist_ok=True)
+    # Ray Data restarts an actor that dies and retries its batches (max_restarts, max_task_retries: -1)
+    ds = ds.map_batches(cls, fn_constructor_kwargs={"model": model, **embedder_kwargs}, batch_size=rows,
+                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+    sink, found = VectorSink(str(out.resolve())), None
+    try:
+        ds.write_datasink(sink)
+    except Exception as e:  # Ray hands an actor's error on as text inside its own
+        if not (found := re.search(r"EmbedError: (.+)", str(e))):
+            raise
+    if found:  # reference cycles in the failed run hold its actors, and their CPUs, until collected
+        gc.collect()
+        raise EmbedError(found.group(1))
+    skipped = sorted(skipped + sink.skipped, key=lambda r: r["id"])
+    if sink.rows + len(skipped) != n:  # Ray's retries must neither lose nor repeat a row
+        raise EmbedError(f"{n} rows were read but {sink.rows} written and {len(skipped)} skipped")
+    if skipped:
+        Path(report or out / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in skipped), "utf-8")
+    return {"embedded": sink.rows, "skipped": len(skipped), "actors": actors, "seconds": time.perf_counter() - start}
+
+
+def read_vectors(directory: str | Path) -> tuple[list, np.ndarray | list[np.ndarray]]:
+    """An output directory -> (ids, vectors): single vectors as one (N, D) array, multi-vectors as a list of
+    (L_i, 128) arrays; files in name order, rows in file order."""
+    tables = [pq.read_table(f) for f in sorted(Path(directory).glob("part-*.parquet"))]
+    if not tables:
+        return [], np.zeros((0, 0), np.float32)
+    table = pa.concat_tables(tables)
+    emb = table["embedding"].combine_chunks()
+    if pa.types.is_fixed_size_list(emb.type):
+        return table["id"].to_pylist(), emb.values.to_numpy().reshape(len(emb), emb.type.list_size)
+    offsets, flat = emb.offsets.to_numpy(), emb.values.values.to_numpy().reshape(-1, emb.type.value_type.list_size)
+    return table["id"].to_pylist(), [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def run(args) -> None:
+    """`jina-v4 embed --ray [ADDRESS] --input ... -o DIR`, on the options cli.py parses."""
+    if args.texts or args.image or not args.input or not args.output or args.format:
+        raise EmbedError("with --ray, give --input files (.jsonl, .parquet) or image directories and -o DIR; "
+                         "the output is parquet (no --format)")
+    level, started, start = logging.ERROR if args.quiet else logging.INFO, not ray.is_initialized(), time.perf_counter()
+    if started:  # no address: a local Ray (or RAY_ADDRESS's cluster); "auto", ray://head:10001: that cluster
+        ray.init(address=args.ray or None, logging_level=level)
+    ray_seconds = time.perf_counter() - start
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    logging.getLogger("ray.data").setLevel(level)
+    try:
+        r = embed_corpus(args.input, args.output, str(args.model), actors=args.actors,
+                         gpus_per_actor=args.gpus_per_actor, rows=args.shard_size, report=args.report,
+                         fields=("id", args.text_field, "image"), task=args.task, prompt_name=args.prompt_name,
+                         multivector=args.multivector, truncate_dim=args.truncate_dim, max_pixels=args.max_pixels,
+                         dtype=args.dtype, device=args.device, on_error=args.on_error, batch_size=args.batch_size)
+    finally:
+        if started:
+            ray.shutdown()
+    if not args.quiet:
+        skipped = f"; {r['skipped']} skipped (see the report)" if r["skipped"] else ""
+        print(f"embedded {r['embedded']} items on {r['actors']} actor{'s' * (r['actors'] > 1)} in {r['seconds']:.1f} s "
+              f"(Ray started in {ray_seconds:.1f} s){skipped}", file=sys.stderr)

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import sys
 import time
 from collections import Counter
@@ -20,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL = "jinaai/jina-embeddings-v4"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class CLIError(Exception):
@@ -35,46 +32,6 @@ def load_model(args):
     return model
 
 
-def read_texts(texts: list[str], files: list[str] | None, field: str, stdin: bool) -> list[str]:
-    """Texts given, then each file's (one per line, or the `field` of each .jsonl object), else stdin's lines."""
-    texts = list(texts)
-    for file in files or []:
-        path = Path(file)
-        if not path.is_file():
-            raise CLIError(f"{file}: no such file")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                try:
-                    texts.append(json.loads(line)[field])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CLIError(f"{file}:{n}: not a JSON object with a {field!r} field") from None
-        else:
-            texts += lines
-    if not texts and stdin and not sys.stdin.isatty():
-        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    return texts
-
-
-def expand_images(specs: list[str]) -> list[str]:
-    """Paths, globs and directories (searched recursively for image files), in a stable order."""
-    out = []
-    for spec in specs or []:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif any(c in spec for c in "*?["):
-            found = sorted(glob.glob(spec, recursive=True))
-        elif path.is_file() or spec.startswith(("http://", "https://")):
-            found = [spec]
-        else:
-            raise CLIError(f"{spec}: no such file")
-        if not found:
-            raise CLIError(f"{spec}: matches no image file")
-        out += found
-    return out
-
-
 def embed(args) -> None:
     if args.ray is not None:
         try:
@@ -82,7 +39,7 @@ def embed(args) -> None:
         except ImportError as e:
             raise CLIError(f"--ray needs Ray Data ({e}): pip install 'jina_v4[ray]'") from None
         return run(args)
-    from .jobs import SUFFIXES, Job, run_to_file, run_to_shards
+    from .jobs import SUFFIXES, Job, expand_images, read_texts, run_to_file, run_to_shards
 
     out = args.output
     sharded = out is not None and (out.endswith("/") or Path(out).is_dir() or not Path(out).suffix)
@@ -96,7 +53,7 @@ def embed(args) -> None:
     start = time.perf_counter()
     settings = {"model": str(args.model), "task": args.task, "dtype": str(model.dtype).replace("torch.", ""),
                 "prompt_name": args.prompt_name, "multivector": args.multivector, "truncate_dim": args.truncate_dim,
-                "max_pixels": args.max_pixels}
+                "max_pixels": args.max_pixels, "deterministic": args.deterministic}
     job = Job(model, [{"text": t} for t in texts] + [{"image": p} for p in images], texts + images, settings,
               args.batch_size, args.on_error, args.quiet)
     if sharded:
@@ -112,6 +69,7 @@ def embed(args) -> None:
 
 
 def score(args) -> None:
+    from .jobs import expand_images, read_texts
     from .processing import preview
     from .scoring import maxsim
 
@@ -120,7 +78,8 @@ def score(args) -> None:
     if not docs:
         raise CLIError("no documents: give --doc texts, --docs-file files or --image paths")
     model = load_model(args)
-    common = dict(batch_size=args.batch_size, return_multivector=args.multivector, max_pixels=args.max_pixels)
+    common = dict(batch_size=args.batch_size, return_multivector=args.multivector, max_pixels=args.max_pixels,
+                  deterministic=args.deterministic)
     q = model.encode([{"text": t} for t in args.queries], prompt_name="query", **common)
     d = model.encode(docs, prompt_name="passage", **common)
     scores = maxsim(q, d) if args.multivector else q @ d.T
@@ -228,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
             p.add_argument("--batch-size", type=int, help="most items per forward pass (default: a token budget)")
             p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+            p.add_argument("--deterministic", action="store_true",
+                           help="each input's vectors bit-identical whatever shares its batch (CPU)")
 
     p = sub.add_parser("embed", help="embed texts and images")
     p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")

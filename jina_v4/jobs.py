@@ -8,6 +8,7 @@ directory to its inputs and settings, so a resume never mixes two different runs
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -23,10 +24,51 @@ import torch
 from .processing import Item, preview
 
 SUFFIXES = (".npy", ".safetensors", ".jsonl")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class JobError(Exception):
     pass
+
+
+def read_texts(texts: list[str], files: list[str] | None, field: str, stdin: bool) -> list[str]:
+    """Texts given, then each file's (one per line, or the `field` of each .jsonl object), else stdin's lines."""
+    texts = list(texts)
+    for file in files or []:
+        path = Path(file)
+        if not path.is_file():
+            raise JobError(f"{file}: no such file")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(lines, 1):
+                try:
+                    texts.append(json.loads(line)[field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise JobError(f"{file}:{n}: not a JSON object with a {field!r} field") from None
+        else:
+            texts += lines
+    if not texts and stdin and not sys.stdin.isatty():
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return texts
+
+
+def expand_images(specs: list[str]) -> list[str]:
+    """Paths, globs and directories (searched recursively for image files), in a stable order."""
+    out = []
+    for spec in specs or []:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in spec for c in "*?["):
+            found = sorted(glob.glob(spec, recursive=True))
+        elif path.is_file() or spec.startswith(("http://", "https://")):
+            found = [spec]
+        else:
+            raise JobError(f"{spec}: no such file")
+        if not found:
+            raise JobError(f"{spec}: matches no image file")
+        out += found
+    return out
 
 
 @dataclass
@@ -56,7 +98,8 @@ class Job:
                 raise JobError(f"input {record['index']} ({preview(record['input'], 100)}): {record['error']}")
             skipped.append(record)
         vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
-                                       return_multivector=s["multivector"], truncate_dim=s["truncate_dim"])
+                                       return_multivector=s["multivector"], truncate_dim=s["truncate_dim"],
+                                       deterministic=s["deterministic"])
         self.tokens += sum(len(items[j].input_ids) for j in ok)
         return [start + j for j in ok], list(vecs), skipped
 

@@ -1,5 +1,6 @@
-"""Building blocks shared by the decoder and the vision tower: RMSNorm, Linear, the SwiGLU MLP, attention over
-packed sequences, and the execution mode (deterministic shapes, the varlen kernel) a forward runs in.
+"""Building blocks shared by the decoder and the vision tower: RMSNorm, Linear, the SwiGLU MLP, GELU, attention
+over packed sequences, and the one home of the in-place speed tricks. Their shapes follow the forward's mode
+(modes.py).
 
 Sequences are packed: a batch is a (T, ...) tensor of all valid tokens plus its `Segments`. No padding token
 ever goes through a Linear layer, and no (T, T) mask is ever built.
@@ -7,62 +8,19 @@ ever goes through a Linear layer, and no (T, T) mask is ever built.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import current, pointwise, rowwise
 from .positions import Segments
 
 try:  # flash varlen attention (torch >= 2.9); used on CUDA when switched on
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch
     varlen_attn = None
-
-
-@dataclass(frozen=True)
-class Mode:
-    deterministic: bool = False  # fixed GEMM shapes and per-length attention: a row's result ignores its batch
-    varlen: bool = False  # packed attention through `varlen_attn` on CUDA (else SDPA, padded or per length)
-
-
-_MODE: ContextVar[Mode] = ContextVar("jina_v4_mode", default=Mode())
-ROWS = 256  # deterministic mode: every matrix product sees exactly this many rows (measured cost ~5% on a CPU)
-
-
-@contextlib.contextmanager
-def mode(m: Mode):
-    """Run the enclosed forward in mode `m` (per thread and per task: concurrent calls do not interfere)."""
-    token = _MODE.set(m)
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
-
-
-def rowwise(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-    """fn(x, *rest) for a function of independent rows. In deterministic mode it runs on tiles of exactly ROWS
-    rows (the last zero-padded), so every product a row takes part in has one shape whatever shares its batch:
-    BLAS libraries choose kernels, blocking and thread splits by shape. Tiles are written into one output
-    buffer, so no full-size temporary is made (on a CPU a fresh buffer's page faults cost as much as a copy)."""
-    n = x.shape[0]
-    if not _MODE.get().deterministic or n == 0:
-        return fn(x, *rest)
-    out = None
-    for a in range(0, n, ROWS):
-        tile = [t[a:a + ROWS] for t in (x, *rest)]
-        m = tile[0].shape[0]
-        if m < ROWS:  # the last tile, zero-padded to the full shape
-            tile = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, ROWS - m)) for t in tile]
-        y = fn(*tile)[:m]
-        if out is None:
-            out = y.new_empty(n, *y.shape[1:])
-        out[a:a + m] = y
-    return out
 
 
 # ---- the one home of the in-place speed tricks --------------------------------------------------------------
@@ -82,7 +40,7 @@ def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (gate is a fresh temporary)."""
-    return mul(F.silu(gate, inplace=not torch.is_grad_enabled()), up)
+    return mul(pointwise(lambda g: F.silu(g, inplace=not torch.is_grad_enabled()), gate), up)
 
 
 # ---- modules --------------------------------------------------------------------------------------------------
@@ -93,6 +51,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rowwise(super().forward, x)
+
+
+class GELU(nn.GELU):
+    """The exact (erf) GELU, elementwise in the forward's mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise(super().forward, x)
 
 
 class RMSNorm(nn.Module):
@@ -135,7 +100,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Segments,
     """
     T, Hq, d = q.shape
     gqa = k.shape[1] != Hq
-    m = _MODE.get()
+    m = current()
     if q.is_cuda and not m.deterministic:
         if m.varlen and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
             return _varlen(q, k, v, seqs, causal)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig, ConfigError
-from .layers import Linear, rowwise
+from .layers import Linear
+from .modes import rowwise
 from .loading import reference_name
 
 

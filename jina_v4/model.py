@@ -20,7 +20,7 @@ from . import lora
 from .config import AdapterConfig, JinaV4Config, check_truncate_dim
 from .heads import multi_vectors, single_vectors
 from .images import ImageInput
-from .layers import Mode, mode
+from .modes import Mode, mode
 from .loading import load_checkpoint, read_configs, resolve, to_dtype
 from .processing import MAX_TEXT_TOKENS, Batch, Item, Processor, as_list
 from .text import TextModel
@@ -110,7 +110,7 @@ class JinaV4(nn.Module):
     def forward(self, batch: Batch, hidden_states: list[torch.Tensor] | None = None,
                 deterministic: bool = False) -> torch.Tensor:
         """A packed batch -> final-normed hidden states (T, D); `TextModel.forward` explains `hidden_states`.
-        deterministic: every row's result is independent of what else shares the batch (layers.Mode)."""
+        deterministic: every row's result is independent of what else shares the batch (modes.py)."""
         batch = batch.to(self.device, self.dtype)
         with mode(Mode(deterministic=deterministic, varlen=self.varlen)):
             x = self.model.embed_tokens(batch.input_ids)  # (T, D)

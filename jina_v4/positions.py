@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .modes import pointwise
+
 # ---- sequences in a packed batch ---------------------------------------------------------------------------
 
 
@@ -62,7 +64,7 @@ def rotary_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tens
 def cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., d/2) angles -> cos, sin (..., d) in the half-split layout (each angle serves channels j and j+d/2)."""
     emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return pointwise(torch.cos, emb).to(dtype), pointwise(torch.sin, emb).to(dtype)
 
 
 def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: tuple[int, ...],

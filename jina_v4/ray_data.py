@@ -7,8 +7,7 @@
                (one 128-d vector per token); null for a row that was skipped
     skipped    with on_error="skip" only: struct<input, error>, null for a row that was embedded
 `embed_corpus` runs jsonl/parquet files or image directories through an actor pool into parquet files of `id`
-and `embedding` (skipped rows into a report); `read_vectors` loads them. Scheduling, retries and progress
-bars are Ray's own.
+and `embedding` (skipped rows into a report); `read_vectors` loads them. Scheduling, retries, progress: Ray's.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ from ray.data.block import BlockAccessor
 from .config import check_truncate_dim
 from .loading import CONFIG_FILES, read_configs, resolve
 from .model import JinaV4
+from .jobs import IMAGE_SUFFIXES
 from .processing import Item, checked_text, describe, preview
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class EmbedError(ValueError):
@@ -50,14 +48,16 @@ class Embedder:
                  multivector: bool = False, truncate_dim: int | None = None, max_pixels: int | None = None,
                  dtype: str | None = None, device: str | None = None, on_error: str = "fail",
                  batch_size: int | None = None, text_column: str = "text", image_column: str = "image",
-                 id_column: str = "id"):
+                 id_column: str = "id", deterministic: bool = False):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
         self.model = JinaV4.from_pretrained(model, device=device, dtype=dtype)
         self.model.task = task
-        self.prompt_name, self.multivector, self.truncate_dim = prompt_name, multivector, truncate_dim
-        self.max_pixels, self.on_error, self.batch_size = max_pixels, on_error, batch_size
-        self.text_column, self.image_column, self.id_column = text_column, image_column, id_column
+        self.prompt_name, self.max_pixels, self.on_error = prompt_name, max_pixels, on_error
+        self.encoding = dict(batch_size=batch_size, return_multivector=multivector, truncate_dim=truncate_dim,
+                             deterministic=deterministic)
+        self.multivector, self.text_column, self.image_column = multivector, text_column, image_column
+        self.id_column = id_column
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
@@ -78,8 +78,7 @@ class Embedder:
                     raise EmbedError(f"id {ids[j]!r} ({what}): {reason}")
                 skipped[j] = {"input": what, "error": reason}
         ok = [j for j, s in enumerate(skipped) if s is None]
-        vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
-                                       return_multivector=self.multivector, truncate_dim=self.truncate_dim)
+        vecs = self.model.encode_items([items[j] for j in ok], **self.encoding)
         out = {"id": pa.array(ids), "embedding": self.vector_column(vecs, ok, len(ids))}
         if self.on_error == "skip":
             out["skipped"] = pa.array(skipped, pa.struct([("input", pa.string()), ("error", pa.string())]))
@@ -290,7 +289,8 @@ def run(args) -> None:
                          gpus_per_actor=args.gpus_per_actor, rows=args.shard_size, report=args.report,
                          fields=("id", args.text_field, "image"), task=args.task, prompt_name=args.prompt_name,
                          multivector=args.multivector, truncate_dim=args.truncate_dim, max_pixels=args.max_pixels,
-                         dtype=args.dtype, device=args.device, on_error=args.on_error, batch_size=args.batch_size)
+                         dtype=args.dtype, device=args.device, on_error=args.on_error, batch_size=args.batch_size,
+                         deterministic=args.deterministic)
     finally:
         if started:
             ray.shutdown()

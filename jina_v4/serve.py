@@ -139,10 +139,9 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
 
     limits = limits or Limits()
     names = list(dict.fromkeys([ALIAS, name, Path(name).name]))
-    # Deterministic: each request runs in its own model calls, so its answer is the offline API's on the same
-    # inputs bit for bit. Packing requests together would rest on the model's batch invariance, which on a
-    # multi-threaded CPU is not bit-exact (NOTES.md, "Serving").
-    worker = Worker(model, deterministic, 1 if deterministic else max_batch_requests, max_batch_tokens, max_queued)
+    # Deterministic: requests are packed as usual, and each answer is the offline API's on the same inputs
+    # bit for bit, whatever shared its model call (modes.py).
+    worker = Worker(model, deterministic, max_batch_requests, max_batch_tokens, max_queued)
     limiter = anyio.CapacityLimiter(prepare_threads)  # threads reading inputs and writing answers: bounds memory
     state = {"received": 0, "in_flight": 0}
     key = f"Bearer {api_key}".encode() if api_key else None

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from . import lora
 from .heads import matryoshka, multi_vectors, single_vectors
-from .layers import Mode, mode
+from .modes import Mode, mode
 from .processing import MAX_TEXT_TOKENS, Item
 
 

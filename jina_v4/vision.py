@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .layers import MLP, Linear, RMSNorm, attention, residual, rowwise
+from .layers import GELU, MLP, Linear, RMSNorm, attention, residual
+from .modes import rowwise
 from .positions import Segments, VisionLayout, apply_rope, vision_cos_sin
 
 
@@ -64,7 +65,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         dim = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
-        self.mlp = nn.Sequential(Linear(dim, dim), nn.GELU(), Linear(dim, cfg.out_hidden_size))
+        self.mlp = nn.Sequential(Linear(dim, dim), GELU(), Linear(dim, cfg.out_hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # (N, E) -> (U, 4E) -> (U, D)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from jina_v4.images import smart_resize
-from jina_v4.layers import Mode, attention, mode
+from jina_v4.layers import attention
+from jina_v4.modes import Mode, mode
 from jina_v4.positions import Segments, cumulative, window_index
 from jina_v4.processing import Item, token_batches
 

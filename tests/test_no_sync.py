@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jina_v4.heads import multi_vectors, single_vectors
-from jina_v4.layers import Mode, attention, mode
+from jina_v4.layers import attention
+from jina_v4.modes import Mode, mode
 from jina_v4.positions import Segments
 from test_images import picture
 

@@ -1,13 +1,12 @@
 """A forward never waits on the device: once a batch is built, no tensor is read back to the host (no .item(),
 .tolist(), int(), bool(), nonzero(), boolean-mask indexing, data-dependent shapes). Lengths and offsets come from
 the batch's Python-side metadata. On a GPU each such call would stall the stream; here every tensor method
-that would is wrapped and counted during forwards of texts, images, mixed tasks and both heads."""
-
-import contextlib
-from unittest import mock
+that would is counted (a TorchFunctionMode sees every call) during forwards of texts, images, mixed tasks and
+both heads."""
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from jina_v4.heads import multi_vectors, single_vectors
 from jina_v4.layers import attention
@@ -15,8 +14,9 @@ from jina_v4.modes import Mode, mode
 from jina_v4.positions import Segments
 from test_images import picture
 
-READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere", "masked_select",
-         "unique", "unique_consecutive", "numpy"]
+READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere", "masked_select",
+         "unique", "unique_consecutive", "numpy"}
+INDEXING = {"__getitem__", "__setitem__", "index_put_", "index_put"}
 
 
 def has_bool_tensor(index) -> bool:
@@ -25,41 +25,25 @@ def has_bool_tensor(index) -> bool:
     return isinstance(index, (tuple, list)) and any(has_bool_tensor(i) for i in index)
 
 
-@contextlib.contextmanager
-def count_host_reads():
-    calls: list[str] = []
+class HostReads(TorchFunctionMode):
+    """Every torch function and Tensor method called inside goes through here (nothing is patched): the ones
+    that read a device tensor back to the host are recorded."""
 
-    def counted(name, original):
-        def wrapper(self, *args, **kwargs):
-            calls.append(name)
-            return original(self, *args, **kwargs)
-        return wrapper
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
 
-    def indexing(name, original):
-        def wrapper(self, index, *args):
-            if has_bool_tensor(index):
-                calls.append(f"{name} with a boolean mask")
-            return original(self, index, *args)
-        return wrapper
-
-    def repeat_interleave(original):
-        def wrapper(*args, **kwargs):
-            if isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) and \
-                    kwargs.get("output_size") is None:
-                calls.append("repeat_interleave without output_size")
-            return original(*args, **kwargs)
-        return wrapper
-
-    patches = [mock.patch.object(torch.Tensor, n, counted(n, getattr(torch.Tensor, n))) for n in READS]
-    patches += [mock.patch.object(torch.Tensor, n, indexing(n, getattr(torch.Tensor, n)))
-                for n in ("__getitem__", "__setitem__", "index_put_", "index_put")]
-    patches += [mock.patch.object(torch, "nonzero", counted("torch.nonzero", torch.nonzero)),
-                mock.patch.object(torch, "repeat_interleave", repeat_interleave(torch.repeat_interleave)),
-                mock.patch.object(torch.Tensor, "repeat_interleave", repeat_interleave(torch.Tensor.repeat_interleave))]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        yield calls
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in READS:
+            self.calls.append(name)
+        elif name in INDEXING and len(args) > 1 and has_bool_tensor(args[1]):
+            self.calls.append(f"{name} with a boolean mask")
+        elif name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"),
+                                                         torch.Tensor) and kwargs.get("output_size") is None:
+            self.calls.append("repeat_interleave without output_size")
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -69,20 +53,21 @@ def test_forward_reads_nothing_back(models, deterministic):
     items = model.processor.prepare(inputs, ["code", "retrieval", "code", "text-matching", "code"])
     batch = model.processor.collate(items).to(model.device, model.dtype)
     with torch.inference_mode():
-        with count_host_reads() as calls:
+        with HostReads() as reads:
             h = model(batch, deterministic=deterministic)
             single = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes, 8)
             multi = multi_vectors(model.multi_vector_projector, h, batch.task)
-    assert calls == []
+    assert reads.calls == []
     assert single.shape == (5, 8) and multi.shape == (h.shape[0], model.config.multi_vector_projector_dim)
 
 
 def test_the_counter_counts():
     x = torch.arange(6.0)
-    with count_host_reads() as calls:
+    with HostReads() as reads:
         x.sum().item(), x[x > 2], x.nonzero(), bool(x[0] == 0), torch.repeat_interleave(x, torch.ones(6, dtype=int))
-    assert calls == ["item", "__getitem__ with a boolean mask", "nonzero", "__bool__",
-                     "repeat_interleave without output_size"]
+        x[torch.tensor([1, 2])], int(x[1])
+    assert reads.calls == ["item", "__getitem__ with a boolean mask", "nonzero", "__bool__",
+                           "repeat_interleave without output_size", "__int__"]
 
 
 def test_varlen_switch_falls_back_on_cpu():

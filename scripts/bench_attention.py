@@ -114,12 +114,12 @@ def main() -> None:
         with mode(Mode(deterministic=True)):  # the per-length path on every device
             return [attention(*t, s, True) for t, s in zip(qkv, batches)]
 
-    def padded():
+    def padded_text():
         return [padded_causal(*t, s) for t, s in zip(qkv, batches)]
 
-    for x, y in zip(per_length(), padded()):
+    for x, y in zip(per_length(), padded_text()):
         assert (x - y).abs().max() < 1e-2
-    a, b = timeit(per_length, args.repeat), timeit(padded, args.repeat)
+    a, b = timeit(per_length, args.repeat), timeit(padded_text, args.repeat)
     print(f"{'tokens':>8} {'batches':>8} {'per length s':>13} {'padded s':>10} {'padded / per length':>20}")
     print(f"{sum(s.cu[-1] for s in batches):>8} {len(batches):>8} {a:>13.4f} {b:>10.4f} {b / a:>20.2f}")
 

@@ -33,8 +33,8 @@ def references(checkpoints):
     return get
 
 
-@pytest.fixture(scope="session")
-def models(checkpoints):
+def model_cache(checkpoints):
+    """get(name, dtype="float32") -> a JinaV4 of that tiny checkpoint, loaded once per cache."""
     from jina_v4 import JinaV4
 
     cache = {}
@@ -45,6 +45,20 @@ def models(checkpoints):
         return cache[name, dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def models(checkpoints):
+    return model_cache(checkpoints)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and spares a shared machine's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=[t.name for t in CONFIGS])

@@ -51,7 +51,8 @@ def test_line_budgets():
 def test_the_checker_sees_imports():
     """The import scan itself: a face import inside a function of a core-looking file is found."""
     sample = PACKAGE.parent / "tests" / "_layout_sample.py"
-    sample.write_text("def f():\n    from .cli import main\n    from jina_v4.jobs import Job\n    import jina_v4.serve\n")
+    sample.write_text("def f():\n    from .cli import main\n    from jina_v4.jobs import Job\n"
+                      "    import jina_v4.serve\n")
     try:
         assert imported(sample) >= {"cli", "jobs"}
     finally:

@@ -56,7 +56,8 @@ def test_prefixes(models, references):
 def test_tokenization_matches_reference(name, models, references):
     model, ref = models(name), references(name)
     prompts = [f"Query: {t}" for t in TEXTS] + ["<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>x"]
-    assert [it.input_ids for it in model.processor.tokenize(prompts)] == [ref.tokenizer(p)["input_ids"] for p in prompts]
+    expected = [ref.tokenizer(p)["input_ids"] for p in prompts]
+    assert [it.input_ids for it in model.processor.tokenize(prompts)] == expected
 
 
 @pytest.mark.filterwarnings("ignore:.*tokens past max_length")  # the warning itself: test_robustness.py

@@ -25,12 +25,7 @@ WORKER = Path(__file__).parent / "distributed_check.py"
 TEXTS = ["a query about the sea", "Ein Satz auf Deutsch über Küstenstädte.", "x"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(directory: Path, text_rows: int = 8, image_rows: int = 4) -> Path:

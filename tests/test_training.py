@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from jina_v4 import JinaV4
 from jina_v4.images import image_patches, load_image
 from jina_v4.loading import adapter_key
 from jina_v4.training import (Embeddings, backward, cosent, cosent_loss, distill, embed, embed_items, info_nce,
                               joint_loss, late_scores, matryoshka_loss, retrieval_loss, trainable)
+from conftest import model_cache
 from oracle64 import float64_islands
 from test_images import IMAGE_CFG, picture
 
@@ -22,26 +22,13 @@ PASSAGES = ["The impacts of climate change on coastal cities are significant.", 
 NEGATIVES = ["気候変動が沿岸都市に与える影響", "A long passage. " * 12]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and spares a shared machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def fresh(checkpoints):
     """Models of this module's own (trainable() and add_task change them), per (name, dtype)."""
-    cache = {}
-
-    def get(name, dtype="float32"):
-        if (name, dtype) not in cache:
-            cache[name, dtype] = JinaV4.from_pretrained(checkpoints[name], device="cpu", dtype=dtype)
-        return cache[name, dtype]
-
-    return get
+    return model_cache(checkpoints)
 
 
 def loss_of(q, p, n):

@@ -68,15 +68,19 @@ def rowwise(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
 
 def pointwise(fn, x: torch.Tensor) -> torch.Tensor:
     """fn(x) for an elementwise function. In deterministic mode fn runs on tiles of whole rows, each row padded
-    to a multiple of VECTOR elements and each tile within GRAIN elements, so every element goes through the
-    vectorised code and its result depends on its value alone."""
+    to a multiple of VECTOR elements (rows longer than GRAIN cut into pieces of GRAIN) and each tile within GRAIN
+    elements, so every element goes through the vectorised code and its result depends on its value alone."""
     if not _MODE.get().deterministic or x.numel() == 0:
         return fn(x)
     rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[1]
+    if n > GRAIN:  # elementwise: a long row is as good as several rows of GRAIN
+        rows = F.pad(rows, (0, -n % GRAIN)).view(-1, GRAIN)
     width = -(-rows.shape[1] // VECTOR) * VECTOR
     R = max(1, GRAIN // width)
     out = torch.empty_like(rows)
     for a in range(0, len(rows), R):
         tile = rows[a:a + R]
-        out[a:a + len(tile)] = fn(F.pad(tile, (0, width - rows.shape[1], 0, R - len(tile))))[:len(tile), :rows.shape[1]]
-    return out.view_as(x)
+        padded = F.pad(tile, (0, width - rows.shape[1], 0, R - len(tile)))
+        out[a:a + len(tile)] = fn(padded)[:len(tile), :rows.shape[1]]
+    return out.view(len(x.reshape(-1, n)), -1)[:, :n].reshape(x.shape)

@@ -52,6 +52,72 @@ def models(checkpoints):
     return model_cache(checkpoints)
 
 
+@pytest.fixture(scope="session")
+def rounding(models):
+    """rounding(name, *kinds, run=None) -> E, the emulated fp32 error of checkpoint `name` (tolerances.py): the
+    largest over the probe's outputs of those kinds ("text", "text-multi", "image", "image-multi") and, when
+    given, over `run(model)`'s outputs. Tests bound jina_v4 against the reference by FP32 x E, and one
+    implementation against itself in other batches by SAME x E. The probe (every text and image size of the
+    parity tests, in all three tasks) runs once per checkpoint."""
+    from tolerances import float64_copy, fp32_error
+
+    wide, probes = {}, {}
+
+    def get(name, *kinds, run=None):
+        if name not in wide:
+            wide[name] = float64_copy(models(name))
+            probes[name] = probe_errors(lambda run: fp32_error(wide[name], run))
+        extra = [fp32_error(wide[name], run)] if run is not None else []
+        return max([probes[name][k] for k in kinds] + extra)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bf16_rounding(models):
+    """bf16_rounding(name, *kinds, run=None) -> E for bf16 (tolerances.bf16_error), as `rounding` for fp32:
+    the bf16 model against the exact float64 run of the fp32 weights. Tests bound bf16 against an fp32
+    result by BF16 x E."""
+    from tolerances import bf16_error, float64_copy
+
+    wide, probes = {}, {}
+
+    def get(name, *kinds, run=None):
+        if name not in wide:
+            wide[name] = float64_copy(models(name))
+            probes[name] = probe_errors(lambda r: bf16_error(models(name, "bfloat16"), wide[name], r))
+        extra = [bf16_error(models(name, "bfloat16"), wide[name], run)] if run is not None else []
+        return max([probes[name][k] for k in kinds] + extra)
+
+    return get
+
+
+def probe_errors(error) -> dict[str, float]:
+    """error(run) over the probe: every text and image size of the parity tests, three tasks, both heads."""
+    from test_images import SIZES, picture
+    from test_text_parity import TEXTS
+
+    images = [picture(h, w, seed=i, noise=12) for i, (h, w) in enumerate(SIZES)]
+    out = dict.fromkeys(["text", "text-multi", "image", "image-multi"], 0.0)
+    for task in ("retrieval", "text-matching", "code"):
+        for multi in (False, True):
+            suffix = "-multi" if multi else ""
+            for kind, run in (("text", lambda m: m.encode_text(TEXTS, task=task, return_multivector=multi)),
+                              ("image", lambda m: m.encode_image(images, task=task, return_multivector=multi))):
+                out[kind + suffix] = max(out[kind + suffix], error(run))
+    return out
+
+
+@pytest.fixture(scope="session")
+def batch_tol(rounding):
+    """batch_tol(name) -> the bound between jina_v4's vectors computed in two different batches (the CLI, the
+    server, Ray, shards against the Python API): one implementation, other row counts and kernels, SAME x E
+    over every kind of output (tolerances.py)."""
+    from tolerances import SAME
+
+    return lambda name: SAME * rounding(name, "text", "image", "text-multi", "image-multi")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one thread is fastest, and spares a shared machine's cores."""

@@ -1,6 +1,7 @@
 """Run by tests/test_train_adapter.py under `torchrun --nproc_per_node 2` (gloo, 127.0.0.1): each rank holds its
 half of a batch. Rank 0 saves the loss and the summed gradients, uncached and GradCache, to OUT/grads.pt; then
-both ranks run scripts/train_adapter.py's main with ARGS... (the process group already exists)."""
+both ranks run scripts/train_adapter.py's main with ARGS... (the process group already exists). In float64: the
+claim is that two ranks compute the one-process algorithm, so float64 rounding is all that may differ."""
 
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, size = world()
-    model = JinaV4.from_pretrained(checkpoint, device="cpu", dtype="float32")
+    model = JinaV4.from_pretrained(checkpoint, device="cpu", dtype="float64")
     params = trainable(model, TASK)
     groups = [model.processor.prepare(xs, TASK, pn) for xs, pn in distributed_groups(rank)]
     results = {}

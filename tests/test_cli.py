@@ -43,29 +43,29 @@ def images(tmp_path_factory):
     return d
 
 
-def test_embed_texts_jsonl_stdout(ckpt, models):
+def test_embed_texts_jsonl_stdout(ckpt, models, batch_tol):
     out = run("embed", *TEXTS, "--model", ckpt, "--task", "code", "--prompt-name", "passage")
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     expected = models("gqa4-single").encode_text(TEXTS, task="code", prompt_name="passage")
     assert [r["input"] for r in rows] == TEXTS
-    assert torch.allclose(torch.tensor([r["embedding"] for r in rows]), expected, atol=1e-6)
+    assert torch.allclose(torch.tensor([r["embedding"] for r in rows]), expected, atol=batch_tol("gqa4-single"))
     assert out.stderr.strip().startswith("embedded 3 items (") and out.stderr.strip().endswith(" s")
 
 
-def test_embed_from_files_and_stdin(ckpt, models, tmp_path):
+def test_embed_from_files_and_stdin(ckpt, models, batch_tol, tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(TEXTS[:2]) + "\n\n")
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(TEXTS)))
     out = run("embed", "--input", tmp_path / "t.txt", "--input", tmp_path / "t.jsonl", "--text-field", "body",
               "--model", ckpt, "--truncate-dim", 16, "-o", tmp_path / "o.npy", "--quiet")
     got = np.load(tmp_path / "o.npy")
     expected = models("gqa4-single").encode_text(TEXTS[:2] + TEXTS, task="retrieval", truncate_dim=16)
-    assert got.shape == (5, 16) and np.allclose(got, expected.numpy(), atol=1e-6)
+    assert got.shape == (5, 16) and np.allclose(got, expected.numpy(), atol=batch_tol("gqa4-single"))
     assert out.stderr == ""  # --quiet: no progress bar, no summary
     piped = run("embed", "--model", ckpt, "--quiet", stdin="\n".join(TEXTS) + "\n")
     assert [json.loads(line)["input"] for line in piped.stdout.splitlines()] == TEXTS
 
 
-def test_embed_images_and_texts_multivector_safetensors(ckpt, models, images, tmp_path):
+def test_embed_images_and_texts_multivector_safetensors(ckpt, models, batch_tol, images, tmp_path):
     out_file = tmp_path / "o.safetensors"
     run("embed", TEXTS[0], "--image", images / "a.png", "--image", str(images / "*.jpg"), "--image",
         images / "sub", "--multivector", "--model", ckpt, "-o", out_file, "--max-pixels", 50_000)
@@ -77,14 +77,14 @@ def test_embed_images_and_texts_multivector_safetensors(ckpt, models, images, tm
     expected = [model.encode_text(TEXTS[0], task="retrieval", return_multivector=True)]
     expected += model.encode_image(inputs[1:], task="retrieval", return_multivector=True, max_pixels=50_000)
     for row, m, e in zip(padded, mask, expected):
-        assert m.sum() == len(e) and torch.allclose(row[m], e, atol=1e-6) and not row[~m].any()
+        assert m.sum() == len(e) and torch.allclose(row[m], e, atol=batch_tol("gqa4-single")) and not row[~m].any()
 
 
-def test_embed_jsonl_file(ckpt, models, images, tmp_path):
+def test_embed_jsonl_file(ckpt, models, batch_tol, images, tmp_path):
     run("embed", "--image", images / "a.png", "--model", ckpt, "-o", tmp_path / "o.jsonl", "--task", "text-matching")
     row = json.loads((tmp_path / "o.jsonl").read_text())
     expected = models("gqa4-single").encode_image(str(images / "a.png"), task="text-matching")
-    assert row["input"] == str(images / "a.png") and torch.allclose(torch.tensor(row["embedding"]), expected, atol=1e-6)
+    assert row["input"] == str(images / "a.png") and torch.allclose(torch.tensor(row["embedding"]), expected, atol=batch_tol("gqa4-single"))
 
 
 def test_score(ckpt, models, images):
@@ -98,7 +98,7 @@ def test_score(ckpt, models, images):
     assert lines[0] == "query: query one" and "cosine" in lines[1]
     ranked = [float(line.split()[1]) for line in lines[2:5]]
     assert ranked == sorted(ranked, reverse=True)
-    assert np.allclose(sorted(ranked, reverse=True), sorted((q @ d.T)[0].tolist(), reverse=True), atol=1e-4)
+    assert np.allclose(sorted(ranked, reverse=True), sorted((q @ d.T)[0].tolist(), reverse=True), atol=1e-4)  # the table prints 4 decimals (±5e-5), plus rounding
     multi = run("score", "query one", "--doc", "doc a", "--doc", "doc b", "--multivector", "--top", 1,
                 "--model", ckpt).stdout.splitlines()
     assert "MaxSim" in multi[1] and len(multi) == 3

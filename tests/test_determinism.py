@@ -11,11 +11,19 @@ import torch
 
 from jina_v4 import JinaV4
 from test_images import picture
+from tolerances import BF16, FP32, SAME
 
 TEXTS = ["x", "hi", "a short query", "a passage about the sea " * 12, "気候変動", "emoji 🚀 and code: def f(): pass"]
-# Default mode (no deterministic=True): how far an input moves with its batch, in max abs difference. Measured
-# on 2 cores of an AMD EPYC: fp32 7e-8 single, 4.5e-7 multi-vector; bf16 0. See NOTES.md, "Same input, same output".
-DEFAULT_BOUND = {"float32": 1e-6, "bfloat16": 1e-2}
+KINDS = ("text", "image", "text-multi", "image-multi")
+
+
+def other_batch_bound(name, dtype, rounding, bf16_rounding) -> float:
+    """Default mode (no deterministic=True): an input in another batch is one implementation with other row
+    counts, hence other kernels: each run within E of exact (tolerances.py), SAME x E apart; in bf16 each run is
+    within BF16 x E. NOTES.md, "Same input, same output", gives what was measured."""
+    if dtype == "float32":
+        return SAME * rounding(name, *KINDS)
+    return SAME * BF16 * bf16_rounding(name, *KINDS)
 
 
 def inputs():
@@ -42,7 +50,7 @@ def test_no_hidden_state(checkpoints, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_merged_lora_is_explicit_and_undone_exactly(models, dtype):
+def test_merged_lora_is_explicit_and_undone_exactly(models, rounding, bf16_rounding, dtype):
     model = models("gqa4-single", dtype)
     plain = model.encode_text(TEXTS, task="code", return_multivector=True)
     model.merge("code")
@@ -51,7 +59,11 @@ def test_merged_lora_is_explicit_and_undone_exactly(models, dtype):
     finally:
         model.merge(None)
     assert same(plain, model.encode_text(TEXTS, task="code", return_multivector=True))
-    bound = 1e-5 if dtype == "float32" else 5e-2  # merged weights round once more (NOTES.md gives the figures)
+    # merged weights round once more: in fp32 as a second implementation, in bf16 a second run within BF16 x E
+    if dtype == "float32":
+        bound = FP32 * rounding("gqa4-single", "text-multi")
+    else:
+        bound = other_batch_bound("gqa4-single", dtype, rounding, bf16_rounding)
     assert all((a - b).abs().max() <= bound for a, b in zip(plain, merged))
 
 
@@ -77,7 +89,7 @@ def batches_around(model, xs, deterministic, multivector, seed):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_batch_invariance(models, dtype, deterministic):
+def test_batch_invariance(models, rounding, bf16_rounding, dtype, deterministic):
     model = models("mha-bf16", dtype)
     xs = inputs()
     for multivector in (False, True):
@@ -89,7 +101,7 @@ def test_batch_invariance(models, dtype, deterministic):
                 if deterministic:
                     assert torch.equal(a, g)
                 else:
-                    assert (a - g).abs().max() <= DEFAULT_BOUND[dtype]
+                    assert (a - g).abs().max() <= other_batch_bound("mha-bf16", dtype, rounding, bf16_rounding)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -123,3 +135,39 @@ def test_truncation_is_per_call_across_threads(models):
     with ThreadPoolExecutor(8) as pool:
         for n, results in zip(lengths, pool.map(run, lengths)):
             assert len(expected[n]) == n and all(torch.equal(r, expected[n]) for r in results)
+
+
+def test_deterministic_elementwise_tiles_are_whole_vectors():
+    """What `pointwise` hands its function in deterministic mode: whole rows padded to a multiple of VECTOR
+    elements (every element on the vectorised path) and at most GRAIN elements (one thread's share)."""
+    from jina_v4.modes import GRAIN, VECTOR, Mode, mode, pointwise
+
+    for shape in [(1, 1), (3, 97), (1000, 97), (5, 7, 64), (2, 40000), (700, 129)]:
+        tiles = []
+        with mode(Mode(deterministic=True)):
+            out = pointwise(lambda t: tiles.append(t.shape) or t * 2, torch.arange(float(torch.Size(shape).numel()))
+                            .view(shape))
+        assert out.shape == shape and torch.equal(out, torch.arange(float(out.numel())).view(shape) * 2)
+        assert tiles and all(t[-1] % VECTOR == 0 and t.numel() <= GRAIN for t in map(torch.Size, tiles))
+
+
+ELEMENTWISE = [torch.exp, torch.erf, torch.cos, torch.sin, torch.nn.functional.silu, torch.nn.functional.gelu]
+
+
+@pytest.mark.parametrize("fn", ELEMENTWISE, ids=lambda f: f.__name__)
+def test_deterministic_elementwise_rows_ignore_their_neighbours(fn):
+    """About 10^5 fp32 values in rows of an awkward length (97): each row's result is bit-equal to the row's
+    alone, with 2 threads (where a thread's share of a tensor ends moves with the tensor's size). SiLU and GELU
+    (what the model runs) round differently in the vectorised and the scalar code on x86 CPUs, so unpadded
+    tiles fail here; exp, erf, cos and sin agree in both paths on the CPUs tried so far."""
+    from jina_v4.modes import Mode, mode, pointwise
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1031, 97, generator=torch.Generator().manual_seed(0)) * 3
+        with mode(Mode(deterministic=True)):
+            whole = pointwise(fn, x)
+            assert all(torch.equal(whole[i], pointwise(fn, x[i:i + 1])[0]) for i in range(len(x)))
+    finally:
+        torch.set_num_threads(n)

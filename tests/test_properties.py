@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from jina_v4.heads import mean_pool
 from jina_v4.positions import rope_index, window_index
 from jina_v4.images import smart_resize
+from tolerances import SAME, gamma
 
 F = 28
 
@@ -77,15 +78,17 @@ def test_mean_pool_ignores_what_is_masked(lengths, seed):
     assert torch.allclose(mean_pool(noisy, rows, seqs, sizes), pooled)
     for b in range(len(lengths)):
         rows = h[cu[b]:cu[b + 1]][mask[cu[b]:cu[b + 1]]]
-        assert torch.allclose(pooled[b], rows.mean(0), atol=1e-6)
+        # two fp32 sums of the same terms in other orders, then one division: Higham's bound, twice
+        tol = 2 * (gamma(len(rows)) * rows.abs().sum(0) / len(rows) + torch.finfo(torch.float32).eps * rows.abs().max())
+        assert ((pooled[b] - rows.mean(0)).abs() <= tol).all()
 
 
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.text(min_size=0, max_size=60), min_size=1, max_size=5), st.integers(0, 4))
-def test_embedding_does_not_depend_on_the_batch(models, texts, k):
+def test_embedding_does_not_depend_on_the_batch(models, rounding, texts, k):
     """Padding and batch company change nothing: each text alone equals it inside any batch."""
     model = models("gqa2-sharded")
     texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]  # no lone surrogates
     batch = model.encode_text(texts + ["a much longer neighbour " * (k + 1)], task="retrieval")
     for t, v in zip(texts, batch):
-        assert (model.encode_text(t, task="retrieval") - v).abs().max() <= 1e-5
+        assert (model.encode_text(t, task="retrieval") - v).abs().max() <= SAME * rounding("gqa2-sharded", "text")

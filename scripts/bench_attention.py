@@ -17,15 +17,14 @@ import statistics
 import time
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
-from jina_v4.images import smart_resize
-from jina_v4.layers import attention
-from jina_v4.modes import Mode, mode
-from jina_v4.positions import Segments, cumulative, window_index
-from jina_v4.processing import Item, token_batches
+from jina_v4.execution import mode
+from jina_v4.model.images import smart_resize
+from jina_v4.model.layers import attention
+from jina_v4.model.positions import Segments, cumulative, window_index
+from jina_v4.model.processing import Item, token_batches
 
 
 def padded(q, k, v, cu):
@@ -89,8 +88,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=32, help="texts in the causal-text comparison")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"{'image':>12} {'patches':>8} {'windows':>8} {'runs s':>12} {'padded+mask s':>14} "
-          f"{'per-window s':>13}")
+    print(f"{'image':>12} {'patches':>8} {'windows':>8} {'runs s':>12} {'padded+mask s':>14} {'per-window s':>13}")
     for mp in args.megapixels:
         side = int((mp * 1e6) ** 0.5)
         h, w = smart_resize(side, int(side * 4 / 3), 28, 3136, int(mp * 1e6 * 4 / 3))
@@ -111,7 +109,7 @@ def main() -> None:
     qkv = [tuple(torch.randn(s.cu[-1], h, 128, dtype=dtype, device=args.device) for h in (16, 2, 2)) for s in batches]
 
     def per_length():
-        with mode(Mode(deterministic=True)):  # the per-length path on every device
+        with mode(deterministic=True):  # the per-length path on every device
             return [attention(*t, s, True) for t, s in zip(qkv, batches)]
 
     def padded_text():

@@ -51,12 +51,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import (decoder_flops, flop_ratio, measure, reference_images, reference_texts, texts_of,  # noqa: E402
-                   write_random)
+from jina_v4 import JinaV4  # noqa: E402
+from jina_v4 import execution  # noqa: E402
+
+from bench import decoder_flops, flop_ratio, measure, reference_images, reference_texts, texts_of, write_random  # noqa: E402
 from parity import THRESHOLDS, probe_images  # noqa: E402
 from synthetic import RELEASED, Tiny, build_tokenizer, model_config  # noqa: E402
-
-from jina_v4 import JinaV4  # noqa: E402
 
 TASKS = ["retrieval", "text-matching", "code"]
 GOALS = {"single": 0.9999, "token": 0.999, "flop_fraction": 0.5}  # bf16 against the fp32 reference; text FLOP/s
@@ -69,10 +69,16 @@ SIZES = {
     "probe_tokens": ([8, 32, 128, 512, 2048, 8000], [8, 40, 300]),
     "probe_pages": (["280x224", "1100x850", "1754x1240", "480x1600"], ["224x224", "140x420"]),
     "max_pixels": (2_000_000, 2_000_000),
-    "queries": (384, 16), "query_tokens": ([8, 64], [8, 40]),
-    "passages": (48, 3), "passage_tokens": ([256, 4096], [100, 400]),
-    "pages": (16, 2), "page_megapixels": (1.0, 0.05),
-    "runs": (3, 1), "ref_runs": (2, 1), "flop_tokens": (16384, 256), "matmul": (8192, 256),
+    "queries": (384, 16),
+    "query_tokens": ([8, 64], [8, 40]),
+    "passages": (48, 3),
+    "passage_tokens": ([256, 4096], [100, 400]),
+    "pages": (16, 2),
+    "page_megapixels": (1.0, 0.05),
+    "runs": (3, 1),
+    "ref_runs": (2, 1),
+    "flop_tokens": (16384, 256),
+    "matmul": (8192, 256),
     "det_tokens": ([20, 300, 1500], [12, 200]),
     "budget": (450.0, 120.0),
 }
@@ -122,8 +128,13 @@ def phase_checkpoint(ctx: dict) -> dict:
     ctx["path"] = path
     files = list(path.glob("*.safetensors")) + list(path.glob("adapters/*.safetensors"))
     params = sum(p.numel() for p in JinaV4.on_meta(path).state_dict().values())
-    return {"path": str(path), "reused": reused, "gib": sum(f.stat().st_size for f in files) / 2**30,
-            "parameters": params, "init": f"{INIT}: {' '.join(scaled_init.__doc__.split())}"}
+    return {
+        "path": str(path),
+        "reused": reused,
+        "gib": sum(f.stat().st_size for f in files) / 2**30,
+        "parameters": params,
+        "init": f"{INIT}: {' '.join(scaled_init.__doc__.split())}",
+    }
 
 
 # ---- models and inputs ---------------------------------------------------------------------------------------
@@ -168,9 +179,9 @@ def probe_set(model: JinaV4, args) -> tuple[list, list[dict]]:
         for i, n in enumerate(args.probe_tokens):
             prompt = "query" if n <= 128 or task == "text-matching" else "passage"
             text = text_of(n - len(f"{prompt.capitalize()}: "), i)
-            items += model.processor.prepare([text], task, prompt)
+            items += model.prepare([text], task, prompt)
             meta.append({"key": f"{task}/text/{n}", "task": task, "text": text, "prompt": prompt})
-        items += model.processor.prepare(probe_images(sizes), task, max_pixels=args.max_pixels)
+        items += model.prepare(probe_images(sizes), task, max_pixels=args.max_pixels)
         meta += [{"key": f"{task}/page/{h}x{w}", "task": task} for h, w in sizes]
     return items, meta
 
@@ -202,8 +213,12 @@ def compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], keys: list[str
     pairs = [(a.double(), b.double()) for a, b in zip(ours, theirs)]
     cos = [F.cosine_similarity(a, b, dim=-1).view(-1) for a, b in pairs]  # (L,) per multi-vector, (1,) per vector
     worst = min(range(len(cos)), key=lambda i: cos[i].min().item())
-    out = {"cos_min": cos[worst].min().item(), "cos_mean": torch.cat(cos).mean().item(),
-           "max_abs": max((a - b).abs().max().item() for a, b in pairs), "worst_output": keys[worst]}
+    out = {
+        "cos_min": cos[worst].min().item(),
+        "cos_mean": torch.cat(cos).mean().item(),
+        "max_abs": max((a - b).abs().max().item() for a, b in pairs),
+        "worst_output": keys[worst],
+    }
     if multi:
         out["output_mean_min"] = min(c.mean().item() for c in cos)  # the worst output's mean token cosine
     return out
@@ -216,8 +231,12 @@ def summary(ours: dict, theirs: dict, meta: list[dict]) -> dict:
         out[head] = {}
         for kind in ("all", "text", "page"):
             idx = [i for i, m in enumerate(meta) if kind in ("all", m["key"].split("/")[1])]
-            out[head][kind] = compare([ours[head][i] for i in idx], [theirs[head][i] for i in idx],
-                                      [meta[i]["key"] for i in idx], head == "multi")
+            out[head][kind] = compare(
+                [ours[head][i] for i in idx],
+                [theirs[head][i] for i in idx],
+                [meta[i]["key"] for i in idx],
+                head == "multi",
+            )
     return out
 
 
@@ -226,34 +245,42 @@ def summary(ours: dict, theirs: dict, meta: list[dict]) -> dict:
 
 def phase_activations(ctx: dict) -> dict:
     model = load(ctx, "bfloat16")
-    items = (model.processor.prepare([text_of(505, 7)], "retrieval")
-             + model.processor.prepare(probe_images([(700, 500)]), "retrieval"))
+    items = model.prepare([text_of(505, 7)], "retrieval") + model.prepare(probe_images([(700, 500)]), "retrieval")
     states: list[torch.Tensor] = []
     with torch.inference_mode():
         model.forward(model.processor.collate(items), hidden_states=states)
     rms = [x.float().pow(2).mean().sqrt().item() for x in states]
-    return {"tokens": sum(len(it.input_ids) for it in items), "residual_rms_by_layer": [round(r, 4) for r in rms],
-            "final_rms": rms[-1], "final_max_abs": states[-1].float().abs().max().item(),
-            "non_finite": int(sum((~torch.isfinite(x)).sum().item() for x in states))}
+    return {
+        "tokens": sum(len(it.input_ids) for it in items),
+        "residual_rms_by_layer": [round(r, 4) for r in rms],
+        "final_rms": rms[-1],
+        "final_max_abs": states[-1].float().abs().max().item(),
+        "non_finite": int(sum((~torch.isfinite(x)).sum().item() for x in states)),
+    }
 
 
 def phase_parity(ctx: dict) -> dict:
     args = ctx["args"]
     model = load(ctx, "bfloat16")
     items, meta = probe_set(model, args)
-    first = items[:len(items) // len(TASKS)]  # the first task's inputs; the others repeat them
-    out = {"probe": {"text_tokens": [len(it.input_ids) for it in first if it.grid is None],
-                     "pages": [{"size": size, "patches": len(it.pixel_values), "tokens": len(it.input_ids)}
-                               for it, size in zip([it for it in first if it.grid], args.probe_pages)],
-                     "tasks": TASKS, "outputs": 2 * len(items)}}
+    first = items[: len(items) // len(TASKS)]  # the first task's inputs; the others repeat them
+    out = {
+        "probe": {
+            "text_tokens": [len(it.input_ids) for it in first if it.grid is None],
+            "pages": [
+                {"size": size, "patches": len(it.pixel_values), "tokens": len(it.input_ids)}
+                for it, size in zip([it for it in first if it.grid], args.probe_pages)
+            ],
+            "tasks": TASKS,
+            "outputs": 2 * len(items),
+        }
+    }
     ours = {"padded": encode_both(model, items)}
     try:  # a failing varlen kernel must not cost the other figures
-        model.varlen = True
-        ours["varlen"] = encode_both(model, items)
+        with execution.mode(attention="varlen"):
+            ours["varlen"] = encode_both(model, items)
     except Exception as e:
         out["varlen_error"] = f"{type(e).__name__}: {e}"
-    finally:
-        model.varlen = False
     theirs = ref = None
     try:
         ref = reference(ctx, torch.float32)
@@ -278,12 +305,14 @@ def phase_parity(ctx: dict) -> dict:
     pad, fp32 = out["bf16_padded"], out["fp32"]
     gate = THRESHOLDS["bfloat16"]
     out["goals"] = {"single_cos": GOALS["single"], "token_cos": GOALS["token"]}
-    out["goals_met"] = {"single_cos": pad["single"]["all"]["cos_min"] >= GOALS["single"],
-                        "token_cos": pad["multi"]["all"]["cos_min"] >= GOALS["token"]}
+    out["goals_met"] = {
+        "single_cos": pad["single"]["all"]["cos_min"] >= GOALS["single"],
+        "token_cos": pad["multi"]["all"]["cos_min"] >= GOALS["token"],
+    }
     bf16 = [out[k] for k in ("bf16_padded", "bf16_varlen") if k in out]
-    out["bf16_gate_pass"] = all(o[h]["all"]["cos_min"] >= gate[k] for o in bf16
-                                for h, k in (("single", "single"), ("multi", "multi_min"))) and all(
-        o["multi"]["all"]["output_mean_min"] >= gate["multi_mean"] for o in bf16)
+    out["bf16_gate_pass"] = all(
+        o[h]["all"]["cos_min"] >= gate[k] for o in bf16 for h, k in (("single", "single"), ("multi", "multi_min"))
+    ) and all(o["multi"]["all"]["output_mean_min"] >= gate["multi_mean"] for o in bf16)
     out["fp32_pass"] = max(fp32[h]["all"]["max_abs"] for h in ("single", "multi")) <= THRESHOLDS["float32"]["max_abs"]
     return out
 
@@ -303,9 +332,14 @@ def phase_flops(ctx: dict) -> dict:
     t_sq, _ = measure(lambda: [a @ b for _ in range(10)], args.runs, device)
     achieved, bare, ratio = flop_ratio(model, [args.flop_tokens // 16] * 16, args.runs, device)
     ctx["matmul_rate"] = bare
-    return {"matmul_square_tflops": 10 * 2 * n**3 / t_sq / 1e12, "square": n,
-            "matmul_decoder_shapes_tflops": bare / 1e12, "forward_tflops": achieved / 1e12,
-            "forward_fraction": ratio, "forward_tokens": args.flop_tokens // 16 * 16}
+    return {
+        "matmul_square_tflops": 10 * 2 * n**3 / t_sq / 1e12,
+        "square": n,
+        "matmul_decoder_shapes_tflops": bare / 1e12,
+        "forward_tflops": achieved / 1e12,
+        "forward_fraction": ratio,
+        "forward_tokens": args.flop_tokens // 16 * 16,
+    }
 
 
 def page_sizes(n: int, megapixels: float, seed: int = 4) -> list[tuple[int, int]]:
@@ -320,43 +354,65 @@ def phase_speed(ctx: dict) -> dict:
     texts = texts_of(args.queries, *args.query_tokens, seed=1) + texts_of(args.passages, *args.passage_tokens, seed=2)
     texts = [texts[i] for i in np.random.default_rng(3).permutation(len(texts))]  # a mixed corpus, in no order
     model = load(ctx, "bfloat16")
-    lengths = [len(it.input_ids) for it in model.processor.prepare(texts, "retrieval")]
-    pages = model.processor.prepare(probe_images(page_sizes(args.pages, args.page_megapixels)), "retrieval")
+    lengths = [len(it.input_ids) for it in model.prepare(texts, "retrieval")]
+    pages = model.prepare(probe_images(page_sizes(args.pages, args.page_megapixels)), "retrieval")
     flops, rate = decoder_flops(model, lengths), ctx.get("matmul_rate")
-    out = {"corpus": {"texts": len(texts), "tokens": sum(lengths), "queries": args.queries,
-                      "passages": args.passages, "longest": max(lengths)},
-           "pages": {"n": len(pages), "patches": sum(len(p.pixel_values) for p in pages),
-                     "tokens": sum(len(p.input_ids) for p in pages)},
-           "weights_mib": torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None}
+    out = {
+        "corpus": {
+            "texts": len(texts),
+            "tokens": sum(lengths),
+            "queries": args.queries,
+            "passages": args.passages,
+            "longest": max(lengths),
+        },
+        "pages": {
+            "n": len(pages),
+            "patches": sum(len(p.pixel_values) for p in pages),
+            "tokens": sum(len(p.input_ids) for p in pages),
+        },
+        "weights_mib": torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
 
     def row(t_text, m_text, t_img, m_img) -> dict:
-        r = {"text_s": t_text, "tokens_per_s": sum(lengths) / t_text, "text_peak_mib": m_text / 2**20,
-             "pages_per_s": len(pages) / t_img, "page_peak_mib": m_img / 2**20, "text_tflops": flops / t_text / 1e12}
+        r = {
+            "text_s": t_text,
+            "tokens_per_s": sum(lengths) / t_text,
+            "text_peak_mib": m_text / 2**20,
+            "pages_per_s": len(pages) / t_img,
+            "page_peak_mib": m_img / 2**20,
+            "text_tflops": flops / t_text / 1e12,
+        }
         r["text_flop_fraction"] = flops / t_text / rate if rate else None
         return r
 
     for varlen in (False, True):
-        model.varlen = varlen
         try:
-            t, m = measure(lambda: model.encode_text(texts, task="retrieval"), args.runs, device)
-            ti, mi = measure(lambda: model.encode_items(pages), args.runs, device)
+            with execution.mode(attention="varlen" if varlen else "auto"):
+                t, m = measure(lambda: model.encode_text(texts, task="retrieval"), args.runs, device)
+                ti, mi = measure(lambda: model.encode_items(pages), args.runs, device)
             out["jina_v4_varlen" if varlen else "jina_v4_padded"] = row(t, m, ti, mi)
         except Exception as e:
             if not varlen:
                 raise
             out["varlen_error"] = f"{type(e).__name__}: {e}"  # the reference still runs
-        finally:
-            model.varlen = False
     try:  # jina_v4's figures stay whatever happens to the reference
         ref = reference(ctx, torch.bfloat16)
         if ref is None:
             out["reference"] = f"none ({ctx['no_reference']})"
             return out
         patches = [(p.pixel_values, p.grid) for p in pages]
-        t, m = measure(lambda: reference_texts(ref, texts, False), args.ref_runs, device,
-                       lambda: reference_texts(ref, texts[:16], False))
-        ti, mi = measure(lambda: reference_images(ref, patches, False, 1), args.ref_runs, device,
-                         lambda: reference_images(ref, patches[:1], False, 1))
+        t, m = measure(
+            lambda: reference_texts(ref, texts, False),
+            args.ref_runs,
+            device,
+            lambda: reference_texts(ref, texts[:16], False),
+        )
+        ti, mi = measure(
+            lambda: reference_images(ref, patches, False, 1),
+            args.ref_runs,
+            device,
+            lambda: reference_images(ref, patches[:1], False, 1),
+        )
         out["reference"] = row(t, m, ti, mi)
     except Exception as e:
         out["reference_error"] = f"{type(e).__name__}: {e}"
@@ -367,23 +423,26 @@ def phase_deterministic(ctx: dict) -> dict:
     """The same inputs alone, together, and among others of other tasks: are the outputs bit-identical?"""
     args = ctx["args"]
     model = load(ctx, "bfloat16")
-    prep = model.processor.prepare
+    prep = model.prepare
     items = prep([text_of(n - 7, 20 + n) for n in args.det_tokens], "retrieval") + prep(
-        probe_images([(500, 400)]), "retrieval")
+        probe_images([(500, 400)]), "retrieval"
+    )
     others = prep([text_of(n, 40 + n) for n in (50, 2 * max(args.det_tokens), 90)], ["code", "text-matching", "code"])
     out = {"inputs": [len(it.input_ids) for it in items]}
     for det in (True, False):
         pairs = []
         for mv in (False, True):
+
             def enc(batch: list) -> list:
                 return list(model.encode_items(batch, return_multivector=mv, deterministic=det))
 
             alone = [enc([it])[0] for it in items]
-            crowded = enc(others[:1] + items + others[1:])[1:1 + len(items)]
+            crowded = enc(others[:1] + items + others[1:])[1 : 1 + len(items)]
             pairs += [(a, b) for other in (enc(items), crowded) for a, b in zip(alone, other)]
         out["deterministic" if det else "default"] = {
             "bit_identical": all(torch.equal(a, b) for a, b in pairs),
-            "max_abs": max((a.double() - b.double()).abs().max().item() for a, b in pairs)}
+            "max_abs": max((a.double() - b.double()).abs().max().item() for a, b in pairs),
+        }
     return out
 
 
@@ -391,19 +450,29 @@ def phase_deterministic(ctx: dict) -> dict:
 
 
 def environment(args) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-           "threads": torch.get_num_threads(), "argv": sys.argv[1:], "tf32": False,
-           "sizes": {k: getattr(args, k) for k in SIZES}}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "argv": sys.argv[1:],
+        "tf32": False,
+        "sizes": {k: getattr(args, k) for k in SIZES},
+    }
     if torch.device(args.device).type == "cuda":
         p = torch.cuda.get_device_properties(0)
-        env["gpu"] = {"name": p.name, "memory_gib": p.total_memory / 2**30, "capability": f"{p.major}.{p.minor}",
-                      "cuda": torch.version.cuda}
+        env["gpu"] = {
+            "name": p.name,
+            "memory_gib": p.total_memory / 2**30,
+            "capability": f"{p.major}.{p.minor}",
+            "cuda": torch.version.cuda,
+        }
     for name in ("transformers", "peft", "tokenizers", "safetensors"):
         try:
             env[name] = __import__(name).__version__
         except Exception as e:  # missing, or broken by the versions around it
             env[name] = f"none ({type(e).__name__}: {e})"
-    from jina_v4 import layers
+    from jina_v4.model import layers
 
     env["varlen_attn"] = getattr(layers, "varlen_attn", None) is not None  # used on CUDA in bf16 when switched on
     return env
@@ -432,45 +501,83 @@ def table(report: dict) -> str:
         return d
 
     rows = []
-    for label, head, key, goal in (("single cosine, worst", "single", "cos_min", GOALS["single"]),
-                                   ("token cosine, worst", "multi", "cos_min", GOALS["token"]),
-                                   ("token cosine, mean", "multi", "cos_mean", None)):
+    for label, head, key, goal in (
+        ("single cosine, worst", "single", "cos_min", GOALS["single"]),
+        ("token cosine, worst", "multi", "cos_min", GOALS["token"]),
+        ("token cosine, mean", "multi", "cos_mean", None),
+    ):
         cos = [get("parity", f"bf16_{path}", head, "all", key) for path in ("padded", "varlen")]
-        rows.append((f"parity, bf16 vs ref fp32: {label}", *(c if c is None else f"{c:.6f}" for c in cos), None,
-                     goal and f">= {goal}"))
+        rows.append(
+            (
+                f"parity, bf16 vs ref fp32: {label}",
+                *(c if c is None else f"{c:.6f}" for c in cos),
+                None,
+                goal and f">= {goal}",
+            )
+        )
     for head in ("single", "multi"):
-        rows.append((f"parity, fp32 vs ref fp32: {head} max abs", get("parity", "fp32", head, "all", "max_abs"),
-                     None, None, f"<= {THRESHOLDS['float32']['max_abs']}"))
+        rows.append(
+            (
+                f"parity, fp32 vs ref fp32: {head} max abs",
+                get("parity", "fp32", head, "all", "max_abs"),
+                None,
+                None,
+                f"<= {THRESHOLDS['float32']['max_abs']}",
+            )
+        )
     for head in ("single", "multi"):
-        rows.append((f"parity, varlen vs padded: {head} max abs", None,
-                     get("parity", "varlen_vs_padded", head, "all", "max_abs"), None, ""))
+        rows.append(
+            (
+                f"parity, varlen vs padded: {head} max abs",
+                None,
+                get("parity", "varlen_vs_padded", head, "all", "max_abs"),
+                None,
+                "",
+            )
+        )
     cols = ("jina_v4_padded", "jina_v4_varlen", "reference")
-    for label, key, goal in (("text tokens/s", "tokens_per_s", ""),
-                             ("text FLOP/s / bf16 matmul FLOP/s", "text_flop_fraction", f">= {GOALS['flop_fraction']}"),
-                             ("text peak MiB above the weights", "text_peak_mib", ""),
-                             ("pages/s", "pages_per_s", ""),
-                             ("page peak MiB above the weights", "page_peak_mib", "")):
+    for label, key, goal in (
+        ("text tokens/s", "tokens_per_s", ""),
+        ("text FLOP/s / bf16 matmul FLOP/s", "text_flop_fraction", f">= {GOALS['flop_fraction']}"),
+        ("text peak MiB above the weights", "text_peak_mib", ""),
+        ("pages/s", "pages_per_s", ""),
+        ("page peak MiB above the weights", "page_peak_mib", ""),
+    ):
         rows.append((f"speed: {label}", *(get("speed", c, key) for c in cols), goal))
     lines = [f"{'measure':<50} {'padded':>10} {'varlen':>10} {'reference':>10}  goal"]
     lines += [f"{label:<50} {fmt(a):>10} {fmt(b):>10} {fmt(c):>10}  {goal or ''}" for label, a, b, c, goal in rows]
     notes = {
-        "checkpoint": lambda p: f"{p['gib']:.2f} GiB, {p['parameters'] / 1e9:.3g} B parameters, "
-                                f"{'reused' if p['reused'] else 'written'}",
-        "activations": lambda p: "residual RMS by layer " + " ".join(fmt(r, 2) for r in p["residual_rms_by_layer"][
-            :-1:max(1, len(p["residual_rms_by_layer"]) // 6)]) + f", final RMS {fmt(p['final_rms'])}, max abs "
-            f"{fmt(p['final_max_abs'])}, {p['non_finite']} non-finite",
-        "parity": lambda p: f"{p['probe']['outputs']} outputs; goals met: {fmt(all(p['goals_met'].values()))}; "
-                            f"fp32 pass: {fmt(p['fp32_pass'])}; reference: {p['reference']}",
-        "flops": lambda p: f"bf16 matmul {fmt(p['matmul_decoder_shapes_tflops'])} TFLOP/s (decoder shapes), "
-                           f"{fmt(p['matmul_square_tflops'])} ({p['square']}^3); packed forward of "
-                           f"{p['forward_tokens']} tokens {fmt(p['forward_tflops'])} TFLOP/s = "
-                           f"{fmt(p['forward_fraction'])} of its matmuls",
-        "speed": lambda p: f"{p['corpus']['texts']} texts, {p['corpus']['tokens']} tokens; {p['pages']['n']} pages, "
-                           f"{p['pages']['patches']} patches",
-        "deterministic": lambda p: f"bit-identical across batches: deterministic=True "
-                                   f"{fmt(p['deterministic']['bit_identical'])} (max abs "
-                                   f"{fmt(p['deterministic']['max_abs'])}), default "
-                                   f"{fmt(p['default']['bit_identical'])} (max abs {fmt(p['default']['max_abs'])})",
+        "checkpoint": lambda p: (
+            f"{p['gib']:.2f} GiB, {p['parameters'] / 1e9:.3g} B parameters, {'reused' if p['reused'] else 'written'}"
+        ),
+        "activations": lambda p: (
+            "residual RMS by layer "
+            + " ".join(
+                fmt(r, 2) for r in p["residual_rms_by_layer"][: -1 : max(1, len(p["residual_rms_by_layer"]) // 6)]
+            )
+            + f", final RMS {fmt(p['final_rms'])}, max abs "
+            f"{fmt(p['final_max_abs'])}, {p['non_finite']} non-finite"
+        ),
+        "parity": lambda p: (
+            f"{p['probe']['outputs']} outputs; goals met: {fmt(all(p['goals_met'].values()))}; "
+            f"fp32 pass: {fmt(p['fp32_pass'])}; reference: {p['reference']}"
+        ),
+        "flops": lambda p: (
+            f"bf16 matmul {fmt(p['matmul_decoder_shapes_tflops'])} TFLOP/s (decoder shapes), "
+            f"{fmt(p['matmul_square_tflops'])} ({p['square']}^3); packed forward of "
+            f"{p['forward_tokens']} tokens {fmt(p['forward_tflops'])} TFLOP/s = "
+            f"{fmt(p['forward_fraction'])} of its matmuls"
+        ),
+        "speed": lambda p: (
+            f"{p['corpus']['texts']} texts, {p['corpus']['tokens']} tokens; {p['pages']['n']} pages, "
+            f"{p['pages']['patches']} patches"
+        ),
+        "deterministic": lambda p: (
+            f"bit-identical across batches: deterministic=True "
+            f"{fmt(p['deterministic']['bit_identical'])} (max abs "
+            f"{fmt(p['deterministic']['max_abs'])}), default "
+            f"{fmt(p['default']['bit_identical'])} (max abs {fmt(p['default']['max_abs'])})"
+        ),
     }
     for name, p in phases.items():
         detail = notes[name](p) if p["status"] == "ok" else p.get("error") or p.get("reason", "")
@@ -493,9 +600,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES, help="checkpoint always runs")
     for key, (full, tiny) in SIZES.items():
         many = isinstance(full, list)
-        ap.add_argument(f"--{key.replace('_', '-')}", nargs="+" if many else None,
-                        type=(str if key == "probe_pages" else int) if many else type(full),
-                        help=f"default {full} ({tiny} with --tiny)")
+        ap.add_argument(
+            f"--{key.replace('_', '-')}",
+            nargs="+" if many else None,
+            type=(str if key == "probe_pages" else int) if many else type(full),
+            help=f"default {full} ({tiny} with --tiny)",
+        )
     args = ap.parse_args(argv)
     for key, sizes in SIZES.items():
         if getattr(args, key) is None:
@@ -510,8 +620,14 @@ def main(argv=None) -> int:
     start, out = time.perf_counter(), Path(args.out)
     report = {"env": environment(args), "phases": {}}
     ctx = {"args": args, "models": {}}
-    funcs = {"checkpoint": phase_checkpoint, "activations": phase_activations, "parity": phase_parity,
-             "flops": phase_flops, "speed": phase_speed, "deterministic": phase_deterministic}
+    funcs = {
+        "checkpoint": phase_checkpoint,
+        "activations": phase_activations,
+        "parity": phase_parity,
+        "flops": phase_flops,
+        "speed": phase_speed,
+        "deterministic": phase_deterministic,
+    }
     for name in PHASES:
         t = time.perf_counter()
         if name != "checkpoint" and name not in args.phases:
@@ -522,15 +638,21 @@ def main(argv=None) -> int:
             try:
                 report["phases"][name] = {"status": "ok", **funcs[name](ctx)}
             except Exception as e:  # recorded; the next phase still runs
-                report["phases"][name] = {"status": "error", "error": f"{type(e).__name__}: {e}",
-                                          "traceback": traceback.format_exc()[-3000:]}
+                report["phases"][name] = {
+                    "status": "error",
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
                 free(ctx, *list(ctx["models"]))
         free(ctx)  # what the phase left behind, before the next one measures memory
         report["phases"][name]["seconds"] = time.perf_counter() - t
         report["elapsed_s"] = time.perf_counter() - start
         write(report, out)
-        print(f"[{name}] {report['phases'][name]['status']} in {report['phases'][name]['seconds']:.1f} s "
-              f"(elapsed {report['elapsed_s']:.1f} s of {args.budget:.0f})", flush=True)
+        print(
+            f"[{name}] {report['phases'][name]['status']} in {report['phases'][name]['seconds']:.1f} s "
+            f"(elapsed {report['elapsed_s']:.1f} s of {args.budget:.0f})",
+            flush=True,
+        )
         if report["phases"][name]["status"] == "error":
             print(report["phases"][name]["traceback"], file=sys.stderr, flush=True)
     print(table(report))

@@ -26,8 +26,11 @@ from PIL import Image, ImageDraw
 # (prompt_name, text): the model card's and announcement's examples, in several languages, and code.
 TEXTS = [
     ("query", "Overview of climate change impacts on coastal cities"),
-    ("passage", "The impacts of climate change on coastal cities are significant, from rising sea levels and "
-                "stronger storm surges to saltwater intrusion into freshwater supplies."),
+    (
+        "passage",
+        "The impacts of climate change on coastal cities are significant, from rising sea levels and "
+        "stronger storm surges to saltwater intrusion into freshwater supplies.",
+    ),
     ("passage", "A beautiful sunset over the beach"),
     ("passage", "Un beau coucher de soleil sur la plage"),
     ("passage", "海滩上美丽的日落"),
@@ -80,8 +83,9 @@ def run_jina_v4(model_id, device, dtype, texts, images) -> dict[str, torch.Tenso
     for task in TASKS:
         for head, multi in (("single", False), ("multi", True)):
             for i, (prompt, text) in enumerate(texts):
-                out[key(task, "text", i, head)] = model.encode_text(text, task=task, prompt_name=prompt,
-                                                                    return_multivector=multi)
+                out[key(task, "text", i, head)] = model.encode_text(
+                    text, task=task, prompt_name=prompt, return_multivector=multi
+                )
             for i, v in enumerate(model.encode_image(images, task=task, return_multivector=multi)):
                 out[key(task, "image", i, head)] = v
     return out
@@ -103,11 +107,11 @@ def run_reference(model_id, device, dtype, texts, images, remote_code: bool) -> 
                     out[key(task, "image", i, head)] = v.float().cpu()
         return out
     sys.path.insert(0, str(Path(__file__).parent))
-    from reference import Reference
+    from jina_v4.model.config import PreprocessorConfig, read_json
+    from jina_v4.model.images import image_patches, load_image
+    from jina_v4.model.loading import resolve
 
-    from jina_v4.loading import resolve
-    from jina_v4.images import image_patches, load_image
-    from jina_v4.config import PreprocessorConfig, read_json
+    from reference import Reference
 
     path = resolve(model_id)
     ref = Reference(path, dtype, device)
@@ -168,7 +172,7 @@ def load(path: str):
     texts = [tuple(t) for t in json.loads(meta["texts"])]
     n_images = sum(k.startswith("input/image/") for k in tensors)
     images = [Image.fromarray(tensors[f"input/image/{i}"].numpy()) for i in range(n_images)]
-    ref = {k[len("output/"):]: v for k, v in tensors.items() if k.startswith("output/")}
+    ref = {k[len("output/") :]: v for k, v in tensors.items() if k.startswith("output/")}
     return ref, texts, images, meta
 
 
@@ -177,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="jinaai/jina-embeddings-v4", help="hub repo id or checkpoint directory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(THRESHOLDS), help="default bfloat16, or the --against file's")
-    ap.add_argument("--reference-dtype", choices=sorted(THRESHOLDS),
-                    help="run the reference in another dtype, e.g. bf16 jina_v4 against an fp32 reference")
+    ap.add_argument(
+        "--reference-dtype",
+        choices=sorted(THRESHOLDS),
+        help="run the reference in another dtype, e.g. bf16 jina_v4 against an fp32 reference",
+    )
     ap.add_argument("--remote-code", action="store_true", help="reference = the released remote code")
     ap.add_argument("--save", help="write the reference outputs and their inputs to this .safetensors file")
     ap.add_argument("--against", help="compare jina_v4 to a file written by --save (no transformers needed)")
@@ -194,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         texts, images = TEXTS, probe_images()
         ref_dtype = args.reference_dtype or args.dtype
         ref = run_reference(args.model, args.device, getattr(torch, ref_dtype), texts, images, args.remote_code)
-        meta = {"model": str(args.model), "dtype": ref_dtype, "device": args.device,
-                "reference": "remote code" if args.remote_code else "transformers 4.52.4 + peft 0.15.2",
-                "torch": torch.__version__}
+        meta = {
+            "model": str(args.model),
+            "dtype": ref_dtype,
+            "device": args.device,
+            "reference": "remote code" if args.remote_code else "transformers 4.52.4 + peft 0.15.2",
+            "torch": torch.__version__,
+        }
         if args.save:
             save(args.save, ref, texts, images, meta)
             print(f"saved {len(ref)} reference outputs and their inputs to {args.save}")

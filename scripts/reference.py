@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-from jina_v4.loading import module_name, reference_name  # the one checkpoint-name map, both ways
+from jina_v4.model.loading import module_name, reference_name  # the one checkpoint-name map, both ways
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 PREFIX = {"query": "Query", "passage": "Passage"}
@@ -47,11 +47,12 @@ class RefModel(nn.Module):
         self.config = config
         dtype_kw = {"dtype" if TRANSFORMERS_5 else "torch_dtype": dtype}  # 5.x renamed the keyword
         self.model = Qwen2_5_VLModel._from_config(config, attn_implementation="sdpa", **dtype_kw).to(dtype)
-        self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim,
-                                                dtype=dtype)
+        self.multi_vector_projector = nn.Linear(
+            config.text_config.hidden_size, config.multi_vector_projector_dim, dtype=dtype
+        )
 
     @classmethod
-    def from_config_dict(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "RefModel":
+    def from_config_dict(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> RefModel:
         return cls(Qwen2_5_VLConfig.from_dict(cfg, attn_implementation="sdpa"), dtype)
 
 
@@ -66,9 +67,15 @@ def add_task_adapters(ref: RefModel, adapter_cfg: dict, tasks: list[str]):
     target = adapter_cfg["target_modules"]
     if isinstance(target, str):
         target = target.replace(".*$", "$")
-    lora = LoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], target_modules=target,
-                      exclude_modules=adapter_cfg.get("exclude_modules"), lora_dropout=adapter_cfg["lora_dropout"],
-                      bias="none", use_rslora=adapter_cfg.get("use_rslora", False))
+    lora = LoraConfig(
+        r=adapter_cfg["r"],
+        lora_alpha=adapter_cfg["lora_alpha"],
+        target_modules=target,
+        exclude_modules=adapter_cfg.get("exclude_modules"),
+        lora_dropout=adapter_cfg["lora_dropout"],
+        bias="none",
+        use_rslora=adapter_cfg.get("use_rslora", False),
+    )
     peft_model = get_peft_model(ref, lora, adapter_name=tasks[0])
     for t in tasks[1:]:
         peft_model.add_adapter(t, lora)
@@ -88,8 +95,11 @@ class Reference:
             self.ref = RefModel.from_config_dict(cfg, dtype)
         weights = {}
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-            "model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
         for f in files:
             weights.update(load_file(path / f, device=str(self.device)))
         renamed = {reference_name(k): v.to(dtype) for k, v in weights.items()}
@@ -112,13 +122,27 @@ class Reference:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()
-    def hidden(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
-               output_hidden_states: bool = False):
+    def hidden(
+        self,
+        input_ids,
+        attention_mask,
+        task: str,
+        pixel_values=None,
+        image_grid_thw=None,
+        output_hidden_states: bool = False,
+    ):
         """Final-normed hidden states (B, L, D), as the released get_last_hidden_states."""
         return self.hidden_states(input_ids, attention_mask, task, pixel_values, image_grid_thw, output_hidden_states)
 
-    def hidden_states(self, input_ids, attention_mask, task: str, pixel_values=None, image_grid_thw=None,
-                      output_hidden_states: bool = False):
+    def hidden_states(
+        self,
+        input_ids,
+        attention_mask,
+        task: str,
+        pixel_values=None,
+        image_grid_thw=None,
+        output_hidden_states: bool = False,
+    ):
         """`hidden`, differentiable when grad is enabled."""
         self.peft.set_adapter(task)
         model = self.ref.model
@@ -131,15 +155,26 @@ class Reference:
             rope_kw["mm_token_type_ids"] = (input_ids == self.config["image_token_id"]).int()  # 1: image token
         position_ids, _ = model.get_rope_index(input_ids, **rope_kw)
         with self.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
-                        output_hidden_states=output_hidden_states)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+            )
         return out.hidden_states if output_hidden_states else out.last_hidden_state
 
     def text_batch(self, texts: list[str], task: str, prompt_name: str = "query", max_length: int = 32768):
         prefix = PREFIX["query" if task == "text-matching" else prompt_name]
-        return self.tokenizer([f"{prefix}: {t}" for t in texts], return_tensors="pt", padding="longest",
-                              max_length=min(max_length, 32768), truncation=True)
+        return self.tokenizer(
+            [f"{prefix}: {t}" for t in texts],
+            return_tensors="pt",
+            padding="longest",
+            max_length=min(max_length, 32768),
+            truncation=True,
+        )
 
     @torch.no_grad()
     def pool(self, h, input_ids, attention_mask, task, multivector=False, truncate_dim=None):
@@ -168,8 +203,15 @@ class Reference:
             v = v if truncate_dim is None else F.normalize(v[:, :truncate_dim], dim=-1)
         return v.to(wide(v.dtype)).cpu()
 
-    def encode_text(self, texts: list[str], task: str, prompt_name: str = "query", multivector=False,
-                    truncate_dim=None, max_length=32768):
+    def encode_text(
+        self,
+        texts: list[str],
+        task: str,
+        prompt_name: str = "query",
+        multivector=False,
+        truncate_dim=None,
+        max_length=32768,
+    ):
         b = self.text_batch(texts, task, prompt_name, max_length)
         h = self.hidden(b["input_ids"], b["attention_mask"], task)
         return self.pool(h, b["input_ids"], b["attention_mask"], task, multivector, truncate_dim)

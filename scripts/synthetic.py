@@ -19,14 +19,37 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 RELEASED = Path(__file__).resolve().parents[1] / "tests" / "released"  # verbatim copies of the released configs
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-NON_SPECIAL = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-               "<|repo_name|>", "<|file_sep|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+NON_SPECIAL = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5-VL).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CORPUS = [
     "Query: Overview of climate change impacts on coastal cities",
     "Passage: The impacts of climate change on coastal cities are significant and far reaching.",
@@ -34,7 +57,8 @@ CORPUS = [
     "def add(a, b):\n    return a + b\n\nclass Foo:\n    pass",
     "気候変動が沿岸都市に与える影響の概要",
     "تأثير تغير المناخ على المدن الساحلية",
-    "Die Auswirkungen des Klimawandels auf Küstenstädte sind erheblich.", "emoji 🚀🌍✨ test",
+    "Die Auswirkungen des Klimawandels auf Küstenstädte sind erheblich.",
+    "emoji 🚀🌍✨ test",
     "user\nassistant\nsystem\n",
 ]
 
@@ -65,18 +89,59 @@ class Tiny:
 
 def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") -> Tiny:
     """The released widths (vocabulary included) with fewer decoder layers and vision blocks."""
-    return Tiny(f"real-width-{layers}x{vision_depth}", hidden=2048, heads=16, kv_heads=2, layers=layers,
-                intermediate=11008, mrope=(16, 24, 24), proj_dim=128, r=32, alpha=32, shards=2, dtype=dtype,
-                vision_depth=vision_depth, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
-                fullatt=(vision_depth - 1,), vocab=151936)
+    return Tiny(
+        f"real-width-{layers}x{vision_depth}",
+        hidden=2048,
+        heads=16,
+        kv_heads=2,
+        layers=layers,
+        intermediate=11008,
+        mrope=(16, 24, 24),
+        proj_dim=128,
+        r=32,
+        alpha=32,
+        shards=2,
+        dtype=dtype,
+        vision_depth=vision_depth,
+        vision_hidden=1280,
+        vision_heads=16,
+        vision_intermediate=3420,
+        fullatt=(vision_depth - 1,),
+        vocab=151936,
+    )
 
 
 CONFIGS = [
     Tiny("gqa2-sharded", mrope=(2, 4, 2)),  # height and width sections differ (so do r and alpha: 4, 8)
-    Tiny("gqa4-single", heads=4, kv_heads=1, layers=3, mrope=(4, 2, 2), proj_dim=24, r=8, alpha=8, shards=0,
-         vision_depth=5, vision_heads=4, vision_hidden=64, fullatt=(2, 4)),
-    Tiny("mha-bf16", hidden=96, heads=6, kv_heads=6, mrope=(2, 2, 4), proj_dim=8, r=2, alpha=5, shards=3,
-         dtype="bfloat16", vision_heads=1, fullatt=(0,)),
+    Tiny(
+        "gqa4-single",
+        heads=4,
+        kv_heads=1,
+        layers=3,
+        mrope=(4, 2, 2),
+        proj_dim=24,
+        r=8,
+        alpha=8,
+        shards=0,
+        vision_depth=5,
+        vision_heads=4,
+        vision_hidden=64,
+        fullatt=(2, 4),
+    ),
+    Tiny(
+        "mha-bf16",
+        hidden=96,
+        heads=6,
+        kv_heads=6,
+        mrope=(2, 2, 4),
+        proj_dim=8,
+        r=2,
+        alpha=5,
+        shards=3,
+        dtype="bfloat16",
+        vision_heads=1,
+        fullatt=(0,),
+    ),
 ]
 
 
@@ -91,17 +156,20 @@ def build_tokenizer(vocab: int = 0) -> Tokenizer:
     else:
         tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     from tokenizers import processors
 
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     if not vocab:
-        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
         tok.train_from_iterator(CORPUS * 3, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL])
@@ -109,32 +177,70 @@ def build_tokenizer(vocab: int = 0) -> Tokenizer:
 
 
 def tokenizer_config(tok: Tokenizer) -> dict:
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                      "single_word": False, "special": t in SPECIAL} for t in SPECIAL + NON_SPECIAL}
-    return {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
-            "additional_special_tokens": SPECIAL[1:], "bos_token": None, "clean_up_tokenization_spaces": False,
-            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-            "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t in SPECIAL,
+        }
+        for t in SPECIAL + NON_SPECIAL
+    }
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": SPECIAL[1:],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
 
 
 def model_config(t: Tiny, tok: Tokenizer) -> dict:
     cfg = json.loads((RELEASED / "config.json").read_text())
-    ids = {k: tok.token_to_id(s) for k, s in [("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"),
-                                              ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                                              ("vision_start_token_id", "<|vision_start|>"),
-                                              ("vision_end_token_id", "<|vision_end|>"),
-                                              ("vision_token_id", "<|vision_pad|>")]}
-    text = dict(hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
-                num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, vocab_size=t.vocab or 512,
-                rope_scaling={"mrope_section": list(t.mrope), "rope_type": "default", "type": "default"},
-                torch_dtype=t.dtype)
+    ids = {
+        k: tok.token_to_id(s)
+        for k, s in [
+            ("bos_token_id", "<|endoftext|>"),
+            ("eos_token_id", "<|im_end|>"),
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+            ("vision_token_id", "<|vision_pad|>"),
+        ]
+    }
+    text = dict(
+        hidden_size=t.hidden,
+        intermediate_size=t.intermediate,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        vocab_size=t.vocab or 512,
+        rope_scaling={"mrope_section": list(t.mrope), "rope_type": "default", "type": "default"},
+        torch_dtype=t.dtype,
+    )
     dims = cfg["matryoshka_dims"] if t.hidden == 2048 else [8, 16, 32, t.hidden]
     cfg.update(text, **ids, multi_vector_projector_dim=t.proj_dim, matryoshka_dims=dims)
     cfg["text_config"].update(text, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
-    cfg["vision_config"].update(depth=t.vision_depth, hidden_size=t.vision_hidden, num_heads=t.vision_heads,
-                                intermediate_size=t.vision_intermediate or t.vision_hidden * 3 // 2,
-                                out_hidden_size=t.hidden,
-                                fullatt_block_indexes=list(t.fullatt), torch_dtype=t.dtype)
+    cfg["vision_config"].update(
+        depth=t.vision_depth,
+        hidden_size=t.vision_hidden,
+        num_heads=t.vision_heads,
+        intermediate_size=t.vision_intermediate or t.vision_hidden * 3 // 2,
+        out_hidden_size=t.hidden,
+        fullatt_block_indexes=list(t.fullatt),
+        torch_dtype=t.dtype,
+    )
     return cfg
 
 
@@ -190,11 +296,13 @@ def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0, tok: Tokenizer
         n, weight_map = t.shards, {}
         for i in range(n):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            part = keys[i * len(keys) // n:(i + 1) * len(keys) // n]
+            part = keys[i * len(keys) // n : (i + 1) * len(keys) // n]
             save_file({k: weights[k] for k in part}, path / name, metadata={"format": "pt"})
             weight_map.update({k: name for k in part})
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
+            "weight_map": weight_map,
+        }
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     adapter_cfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())

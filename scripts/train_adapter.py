@@ -28,11 +28,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from jina_v4 import JinaV4
-from jina_v4.images import load_image
-from jina_v4.jobs import atomic_write
-from jina_v4.loading import resolve
-from jina_v4.saving import save_checkpoint
-from jina_v4.training import backward, cosent_loss, gather_tensor, joint_loss, sync_grads, trainable, world
+from jina_v4.apps.common import atomic_write
+from jina_v4.apps.saving import save_checkpoint
+from jina_v4.apps.training import backward, cosent_loss, gather_tensor, joint_loss, sync_grads, trainable, world
+from jina_v4.model.images import load_image
+from jina_v4.model.loading import resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 PAIRS, SCORED = ("query", "positive"), ("text1", "text2", "score")
@@ -45,7 +45,7 @@ class DataError(ValueError):
 def side(value, where: str, base: Path):
     """One side of a row -> a model input: a str (text), a Path (image file) or {"image": URL}."""
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), str):
-        (kind, v), = value.items()
+        ((kind, v),) = value.items()
         if kind == "text":
             return v
         if kind == "image":
@@ -82,16 +82,25 @@ def read_data(path: Path, check_images: bool = True) -> tuple[str, list[dict]]:
         if kind == "scored":
             if isinstance(row["score"], bool) or not isinstance(row["score"], (int, float)):
                 raise DataError(f"{where}: 'score' must be a number, got {row['score']!r:.40}")
-            rows.append({"a": side(row["text1"], f"{where}: text1", path.parent),
-                         "b": side(row["text2"], f"{where}: text2", path.parent), "score": float(row["score"])})
+            rows.append(
+                {
+                    "a": side(row["text1"], f"{where}: text1", path.parent),
+                    "b": side(row["text2"], f"{where}: text2", path.parent),
+                    "score": float(row["score"]),
+                }
+            )
         else:
             negatives = row.get("negatives", [])
             if not isinstance(negatives, list):
                 raise DataError(f"{where}: 'negatives' must be a list")
-            rows.append({"a": side(row["query"], f"{where}: query", path.parent),
-                         "b": side(row["positive"], f"{where}: positive", path.parent),
-                         "neg": [side(x, f"{where}: negatives[{i}]", path.parent) for i, x in enumerate(negatives)]})
-        for key, x in [("a", rows[-1]["a"]), ("b", rows[-1]["b"])] + [("neg", x) for x in rows[-1].get("neg", [])]:
+            rows.append(
+                {
+                    "a": side(row["query"], f"{where}: query", path.parent),
+                    "b": side(row["positive"], f"{where}: positive", path.parent),
+                    "neg": [side(x, f"{where}: negatives[{i}]", path.parent) for i, x in enumerate(negatives)],
+                }
+            )
+        for x in [rows[-1]["a"], rows[-1]["b"], *rows[-1].get("neg", [])]:
             if check_images and not isinstance(x, str):
                 try:
                     load_image(x if isinstance(x, Path) else x["image"])
@@ -112,7 +121,7 @@ def draw(n: int, size: int, step: int, seed: int) -> list[int]:
     per_epoch = n // size
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[k * size:(k + 1) * size].tolist()
+    return perm[k * size : (k + 1) * size].tolist()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,11 +137,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="rows per batch kind and process")
     ap.add_argument("--temperature", type=float, default=0.02, help="τ of NCE and KL (the paper's code adapter)")
     ap.add_argument("--cosent-temperature", type=float, default=0.05)
-    ap.add_argument("--weights", type=float, nargs="+", default=[1.0], metavar="W",
-                    help="w1..w6 of the joint loss (dense NCE, late NCE, KL; text then multimodal); 1 or 3 "
-                         "values apply to both batches")
-    ap.add_argument("--matryoshka-dims", type=int, nargs="*", default=[],
-                    help="average the dense loss over these truncated dims (e.g. 128 256 512 1024 2048)")
+    ap.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="W",
+        help="w1..w6 of the joint loss (dense NCE, late NCE, KL; text then multimodal); 1 or 3 "
+        "values apply to both batches",
+    )
+    ap.add_argument(
+        "--matryoshka-dims",
+        type=int,
+        nargs="*",
+        default=[],
+        help="average the dense loss over these truncated dims (e.g. 128 256 512 1024 2048)",
+    )
     ap.add_argument("--hard-negatives", type=int, help="negatives used per row (default: all listed)")
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default: adapter_config.json's)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute each decoder layer in the backward")
@@ -149,9 +169,25 @@ def parser() -> argparse.ArgumentParser:
 
 def settings(args, data: bytes, size: int) -> dict:
     """What a resumed run must share with the saved one (--steps and --save-every may change)."""
-    keep = ("model", "task", "init_from", "lr", "weight_decay", "batch_size", "temperature", "cosent_temperature",
-            "weights", "matryoshka_dims", "hard_negatives", "dropout", "minibatch", "max_length", "max_pixels",
-            "dtype", "seed")
+    keep = (
+        "model",
+        "task",
+        "init_from",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "temperature",
+        "cosent_temperature",
+        "weights",
+        "matryoshka_dims",
+        "hard_negatives",
+        "dropout",
+        "minibatch",
+        "max_length",
+        "max_pixels",
+        "dtype",
+        "seed",
+    )
     return {**{k: getattr(args, k) for k in keep}, "data": hashlib.sha256(data).hexdigest(), "world_size": size}
 
 
@@ -159,7 +195,7 @@ def main(argv: list[str] | None = None) -> float:
     args = parser().parse_args(argv)
     if len(args.weights) not in (1, 3, 6):
         raise SystemExit("error: --weights takes 1, 3 or 6 values")
-    weights = (args.weights * (6 // len(args.weights)))
+    weights = args.weights * (6 // len(args.weights))
     try:
         kind, rows = read_data(args.data)
     except DataError as e:
@@ -173,9 +209,10 @@ def main(argv: list[str] | None = None) -> float:
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, size = world()
-    kinds = {"pairs": [[i for i, r in enumerate(rows) if not is_image(r)], [i for i, r in enumerate(rows)
-                                                                             if is_image(r)]],
-             "scored": [list(range(len(rows)))]}[kind]
+    kinds = {
+        "pairs": [[i for i, r in enumerate(rows) if not is_image(r)], [i for i, r in enumerate(rows) if is_image(r)]],
+        "scored": [list(range(len(rows)))],
+    }[kind]
     sizes = [min(args.batch_size, len(k) // size) for k in kinds]
     if any(k and not s for k, s in zip(kinds, sizes)):
         raise SystemExit(f"error: {args.data}: too few rows for {size} processes")
@@ -204,8 +241,9 @@ def main(argv: list[str] | None = None) -> float:
         state = torch.load(state_file, weights_only=False)
         if state["settings"] != fingerprint:
             diff = sorted(k for k in fingerprint if state["settings"].get(k) != fingerprint[k])
-            raise SystemExit(f"error: {args.out} holds a run with other settings ({', '.join(diff)}); "
-                             "use another --out")
+            raise SystemExit(
+                f"error: {args.out} holds a run with other settings ({', '.join(diff)}); use another --out"
+            )
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["params"][n])
@@ -223,7 +261,7 @@ def main(argv: list[str] | None = None) -> float:
         torch.manual_seed(args.seed * 1000 + rank)  # dropout masks differ between ranks
 
     def prepare(xs, prompt):
-        return model.processor.prepare(xs, args.task, prompt, args.max_length, args.max_pixels) if xs else []
+        return model.prepare(xs, args.task, prompt, args.max_length, args.max_pixels) if xs else []
 
     def groups_of(step: int):
         groups, scores = [], None
@@ -231,14 +269,17 @@ def main(argv: list[str] | None = None) -> float:
             if not rows_of_kind:  # no row of this kind anywhere: None on every rank
                 groups += [None, None, None]
                 continue
-            picked = draw(len(rows_of_kind), b * size, step, args.seed)[rank * b:(rank + 1) * b]
+            picked = draw(len(rows_of_kind), b * size, step, args.seed)[rank * b : (rank + 1) * b]
             rs = [rows[rows_of_kind[i]] for i in picked]
             if kind == "scored":
                 scores = torch.tensor([r["score"] for r in rs], device=device)
                 return [prepare([r["a"] for r in rs], "query"), prepare([r["b"] for r in rs], "query")], scores
-            negs = [x for r in rs for x in r["neg"][:args.hard_negatives]]
-            groups += [prepare([r["a"] for r in rs], "query"), prepare([r["b"] for r in rs], "passage"),
-                       prepare(negs, "passage")]
+            negs = [x for r in rs for x in r["neg"][: args.hard_negatives]]
+            groups += [
+                prepare([r["a"] for r in rs], "query"),
+                prepare([r["b"] for r in rs], "passage"),
+                prepare(negs, "passage"),
+            ]
         return groups, scores
 
     def save(step: int) -> None:
@@ -250,8 +291,14 @@ def main(argv: list[str] | None = None) -> float:
             rngs = [local]
         if rank == 0:
             save_checkpoint(model, source, args.out, [args.task])
-            state = {"settings": fingerprint, "step": step, "history": history, "rng": rngs,
-                     "params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": opt.state_dict()}
+            state = {
+                "settings": fingerprint,
+                "step": step,
+                "history": history,
+                "rng": rngs,
+                "params": {n: p.detach().cpu() for n, p in params.items()},
+                "optimizer": opt.state_dict(),
+            }
             state_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(state_file, lambda tmp: torch.save(state, tmp))
         if size > 1:
@@ -266,10 +313,12 @@ def main(argv: list[str] | None = None) -> float:
             def loss_fn(e):
                 return cosent_loss(e[0], e[1], scores, args.cosent_temperature, args.matryoshka_dims)
         else:
+
             def loss_fn(e):
                 text = tuple(e[:3]) if e[0] is not None else None
                 multimodal = tuple(e[3:]) if e[3] is not None else None
                 return joint_loss(text, multimodal, args.temperature, weights, args.matryoshka_dims)
+
         loss = backward(model, groups, loss_fn, args.minibatch)
         sync_grads(list(params.values()))
         opt.step()

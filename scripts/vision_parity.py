@@ -18,12 +18,12 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import RELEASED, randomize  # noqa: E402
+from jina_v4.model.config import VisionConfig, parse  # noqa: E402
+from jina_v4.model.images import smart_resize  # noqa: E402
+from jina_v4.model.positions import VisionLayout, vision_cos_sin  # noqa: E402
+from jina_v4.model.vision import VisionTower  # noqa: E402
 
-from jina_v4.config import VisionConfig, parse  # noqa: E402
-from jina_v4.images import smart_resize  # noqa: E402
-from jina_v4.positions import VisionLayout, vision_cos_sin  # noqa: E402
-from jina_v4.vision import VisionTower  # noqa: E402
+from synthetic import RELEASED, randomize  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +42,8 @@ def main() -> None:
     cfg["vision_config"].update(depth=args.depth, fullatt_block_indexes=[args.depth - 1])
     ours_cfg = parse(VisionConfig, cfg["vision_config"], "config.json")
     ref = hf.Qwen2_5_VisionTransformerPretrainedModel._from_config(
-        Qwen2_5_VLConfig.from_dict(cfg).vision_config, attn_implementation="sdpa", torch_dtype=torch.float32).eval()
+        Qwen2_5_VLConfig.from_dict(cfg).vision_config, attn_implementation="sdpa", torch_dtype=torch.float32
+    ).eval()
     randomize(ref, args.seed)
     ours = VisionTower(ours_cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -52,11 +53,24 @@ def main() -> None:
     pixels = torch.randn(grid[1] * grid[2], 1176)
     layout = VisionLayout([grid], 4, 2)
     inputs: dict[str, tuple] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, kw, out, name=name: inputs.__setitem__(name, (a, kw, out)),
-                                     with_kwargs=True)
-             for name, m in ref.named_modules() if name == "patch_embed" or name == "merger"
-             or (name.startswith("blocks.") and name.count(".") in (1, 2) and name.rsplit(".", 1)[-1] in
-                 ("attn", "mlp", ) + tuple(str(i) for i in range(args.depth)))]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, a, kw, out, name=name: inputs.__setitem__(name, (a, kw, out)), with_kwargs=True
+        )
+        for name, m in ref.named_modules()
+        if name == "patch_embed"
+        or name == "merger"
+        or (
+            name.startswith("blocks.")
+            and name.count(".") in (1, 2)
+            and name.rsplit(".", 1)[-1]
+            in (
+                "attn",
+                "mlp",
+            )
+            + tuple(str(i) for i in range(args.depth))
+        )
+    ]
     rows = []
     with torch.no_grad():
         expected = ref(pixels, torch.tensor([grid]))
@@ -78,15 +92,22 @@ def main() -> None:
             seqs = layout.images if kind == "full" else layout.windows
             a, kw, out = inputs[f"blocks.{i}.attn"]
             mine = ours.blocks[i].attn(a[0], cos_w, sin_w, seqs)
-            rows.append((f"block {i} attention ({kind}: per-{'image' if kind == 'full' else 'window'} SDPA vs one "
-                         "masked SDPA)", rel(mine, out)))
+            rows.append(
+                (
+                    f"block {i} attention ({kind}: per-{'image' if kind == 'full' else 'window'} SDPA vs one "
+                    "masked SDPA)",
+                    rel(mine, out),
+                )
+            )
             a, _, out = inputs[f"blocks.{i}.mlp"]
             rows.append((f"block {i} MLP", rel(ours.blocks[i].mlp(a[0]), out)))
         a, _, out = inputs["merger"]
         rows.append(("patch merger", rel(ours.merger(a[0]), out)))
         rows.append(("whole tower (rounding accumulated)", rel(got, expected)))
-    print(f"image {args.height}x{args.width} -> {h}x{w} px, {pixels.shape[0]} patches, "
-          f"{len(layout.windows.lengths)} windows, {args.depth} blocks (the last full attention)")
+    print(
+        f"image {args.height}x{args.width} -> {h}x{w} px, {pixels.shape[0]} patches, "
+        f"{len(layout.windows.lengths)} windows, {args.depth} blocks (the last full attention)"
+    )
     print(f"{'component (same input for both)':<64} {'max |diff| / max |ref|':>22}")
     for name, r in rows:
         print(f"{name:<64} {r:>22.1e}")

@@ -102,8 +102,10 @@ def probe_errors(error) -> dict[str, float]:
     for task in ("retrieval", "text-matching", "code"):
         for multi in (False, True):
             suffix = "-multi" if multi else ""
-            for kind, run in (("text", lambda m: m.encode_text(TEXTS, task=task, return_multivector=multi)),
-                              ("image", lambda m: m.encode_image(images, task=task, return_multivector=multi))):
+            for kind, run in (
+                ("text", lambda m: m.encode_text(TEXTS, task=task, return_multivector=multi)),
+                ("image", lambda m: m.encode_image(images, task=task, return_multivector=multi)),
+            ):
                 out[kind + suffix] = max(out[kind + suffix], error(run))
     return out
 
@@ -132,12 +134,13 @@ def name(request):
     return request.param
 
 
-def padded_hidden_states(model, input_ids, attention_mask=None, task="retrieval", pixel_values=None,
-                         image_grid_thw=None, all_layers=False):
+def padded_hidden_states(
+    model, input_ids, attention_mask=None, task="retrieval", pixel_values=None, image_grid_thw=None, all_layers=False
+):
     """The reference's `get_last_hidden_states` form through jina_v4's packed forward: right-padded (B, L) ids
     -> (B, L, D) final-normed states, zero at padding (or every layer's, num_hidden_layers + 1 tensors).
     Image rows take their patches and grids in row order."""
-    from jina_v4.processing import Item
+    from jina_v4.model.processing import Item
 
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
@@ -147,7 +150,7 @@ def padded_hidden_states(model, input_ids, attention_mask=None, task="retrieval"
         if model.config.image_token_id in item.input_ids:
             item.grid = grids.pop(0)
             n = item.grid[0] * item.grid[1] * item.grid[2]
-            item.pixel_values, start = pixel_values[start:start + n], start + n
+            item.pixel_values, start = pixel_values[start : start + n], start + n
         items.append(item)
     layers = [] if all_layers else None
     with torch.inference_mode():

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jina_v4 import JinaV4  # noqa: E402
-from jina_v4.training import backward, retrieval_loss, sync_grads, trainable, world  # noqa: E402
+from jina_v4.apps.training import backward, retrieval_loss, sync_grads, trainable, world  # noqa: E402
 
 TASK = "retrieval"
 
@@ -28,10 +28,16 @@ def image(h: int, w: int, seed: int) -> Image.Image:
 def distributed_groups(rank: int) -> list[tuple[list, str]]:
     """Rank `rank`'s queries, positives and hard negatives (unequal counts and lengths across the ranks)."""
     if rank == 0:
-        return [(["short", "a query of several more words"], "query"),
-                (["its passage", image(60, 90, 0)], "passage"), (["one negative", "another " * 9], "passage")]
-    return [(["third query here", "q4"], "query"), ([image(90, 60, 1), "passage four " * 5], "passage"),
-            (["a lone negative"], "passage")]
+        return [
+            (["short", "a query of several more words"], "query"),
+            (["its passage", image(60, 90, 0)], "passage"),
+            (["one negative", "another " * 9], "passage"),
+        ]
+    return [
+        (["third query here", "q4"], "query"),
+        ([image(90, 60, 1), "passage four " * 5], "passage"),
+        (["a lone negative"], "passage"),
+    ]
 
 
 def loss_of(q, p, n):
@@ -45,7 +51,7 @@ def main() -> None:
     rank, size = world()
     model = JinaV4.from_pretrained(checkpoint, device="cpu", dtype="float64")
     params = trainable(model, TASK)
-    groups = [model.processor.prepare(xs, TASK, pn) for xs, pn in distributed_groups(rank)]
+    groups = [model.prepare(xs, TASK, pn) for xs, pn in distributed_groups(rank)]
     results = {}
     for minibatch in (None, 2):
         loss = backward(model, groups, lambda e: loss_of(*e), minibatch)

@@ -52,8 +52,10 @@ def apply_rotary_pos_emb_vision(q, k, cos, sin):
 
 @contextlib.contextmanager
 def float64_islands():
-    with mock.patch.object(hf.Qwen2RMSNorm, "forward", rmsnorm), \
-            mock.patch.object(hf.Qwen2_5_VLRotaryEmbedding, "forward", text_rotary), \
-            mock.patch.object(hf.Qwen2_5_VisionRotaryEmbedding, "forward", vision_rotary), \
-            mock.patch.object(hf, "apply_rotary_pos_emb_vision", apply_rotary_pos_emb_vision):
+    with (
+        mock.patch.object(hf.Qwen2RMSNorm, "forward", rmsnorm),
+        mock.patch.object(hf.Qwen2_5_VLRotaryEmbedding, "forward", text_rotary),
+        mock.patch.object(hf.Qwen2_5_VisionRotaryEmbedding, "forward", vision_rotary),
+        mock.patch.object(hf, "apply_rotary_pos_emb_vision", apply_rotary_pos_emb_vision),
+    ):
         yield

@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-import jina_v4.jobs as jobs
-from jina_v4.cli import main
+import jina_v4.apps.jobs as jobs
+from jina_v4.apps.cli import main
 
 n, marker, args = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 write, written = jobs.write_vectors, []

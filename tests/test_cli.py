@@ -20,8 +20,7 @@ TEXTS = ["first text", "zweiter Text", "第三个文本"]
 
 def run(*args, stdin=None, ok=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env,
-                         timeout=300)
+    out = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env, timeout=300)
     if ok:
         assert out.returncode == 0, out.stderr
     return out
@@ -55,8 +54,22 @@ def test_embed_texts_jsonl_stdout(ckpt, models, batch_tol):
 def test_embed_from_files_and_stdin(ckpt, models, batch_tol, tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(TEXTS[:2]) + "\n\n")
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(TEXTS)))
-    out = run("embed", "--input", tmp_path / "t.txt", "--input", tmp_path / "t.jsonl", "--text-field", "body",
-              "--model", ckpt, "--truncate-dim", 16, "-o", tmp_path / "o.npy", "--quiet")
+    out = run(
+        "embed",
+        "--input",
+        tmp_path / "t.txt",
+        "--input",
+        tmp_path / "t.jsonl",
+        "--text-field",
+        "body",
+        "--model",
+        ckpt,
+        "--truncate-dim",
+        16,
+        "-o",
+        tmp_path / "o.npy",
+        "--quiet",
+    )
     got = np.load(tmp_path / "o.npy")
     expected = models("gqa4-single").encode_text(TEXTS[:2] + TEXTS, task="retrieval", truncate_dim=16)
     assert got.shape == (5, 16) and np.allclose(got, expected.numpy(), atol=batch_tol("gqa4-single"))
@@ -67,8 +80,23 @@ def test_embed_from_files_and_stdin(ckpt, models, batch_tol, tmp_path):
 
 def test_embed_images_and_texts_multivector_safetensors(ckpt, models, batch_tol, images, tmp_path):
     out_file = tmp_path / "o.safetensors"
-    run("embed", TEXTS[0], "--image", images / "a.png", "--image", str(images / "*.jpg"), "--image",
-        images / "sub", "--multivector", "--model", ckpt, "-o", out_file, "--max-pixels", 50_000)
+    run(
+        "embed",
+        TEXTS[0],
+        "--image",
+        images / "a.png",
+        "--image",
+        str(images / "*.jpg"),
+        "--image",
+        images / "sub",
+        "--multivector",
+        "--model",
+        ckpt,
+        "-o",
+        out_file,
+        "--max-pixels",
+        50_000,
+    )
     with safe_open(out_file, "pt") as f:
         padded, mask, meta = f.get_tensor("embeddings"), f.get_tensor("mask"), f.metadata()
     inputs = json.loads(meta["inputs"])
@@ -84,23 +112,42 @@ def test_embed_jsonl_file(ckpt, models, batch_tol, images, tmp_path):
     run("embed", "--image", images / "a.png", "--model", ckpt, "-o", tmp_path / "o.jsonl", "--task", "text-matching")
     row = json.loads((tmp_path / "o.jsonl").read_text())
     expected = models("gqa4-single").encode_image(str(images / "a.png"), task="text-matching")
-    assert row["input"] == str(images / "a.png") and torch.allclose(torch.tensor(row["embedding"]), expected, atol=batch_tol("gqa4-single"))
+    assert row["input"] == str(images / "a.png") and torch.allclose(
+        torch.tensor(row["embedding"]), expected, atol=batch_tol("gqa4-single")
+    )
 
 
 def test_score(ckpt, models, images):
-    out = run("score", "query one", "query two", "--doc", "doc a", "--doc", "doc b", "--image", images / "a.png",
-              "--model", ckpt)
+    out = run(
+        "score",
+        "query one",
+        "query two",
+        "--doc",
+        "doc a",
+        "--doc",
+        "doc b",
+        "--image",
+        images / "a.png",
+        "--model",
+        ckpt,
+    )
     model = models("gqa4-single")
     q = model.encode_text(["query one", "query two"], task="retrieval")
-    d = model.encode([{"text": "doc a"}, {"text": "doc b"}, {"image": str(images / "a.png")}], task="retrieval",
-                     prompt_name="passage")
+    d = model.encode(
+        [{"text": "doc a"}, {"text": "doc b"}, {"image": str(images / "a.png")}],
+        task="retrieval",
+        prompt_name="passage",
+    )
     lines = out.stdout.splitlines()
     assert lines[0] == "query: query one" and "cosine" in lines[1]
     ranked = [float(line.split()[1]) for line in lines[2:5]]
     assert ranked == sorted(ranked, reverse=True)
-    assert np.allclose(sorted(ranked, reverse=True), sorted((q @ d.T)[0].tolist(), reverse=True), atol=1e-4)  # the table prints 4 decimals (±5e-5), plus rounding
-    multi = run("score", "query one", "--doc", "doc a", "--doc", "doc b", "--multivector", "--top", 1,
-                "--model", ckpt).stdout.splitlines()
+    assert np.allclose(
+        sorted(ranked, reverse=True), sorted((q @ d.T)[0].tolist(), reverse=True), atol=1e-4
+    )  # the table prints 4 decimals (±5e-5), plus rounding
+    multi = run(
+        "score", "query one", "--doc", "doc a", "--doc", "doc b", "--multivector", "--top", 1, "--model", ckpt
+    ).stdout.splitlines()
     assert "MaxSim" in multi[1] and len(multi) == 3
 
 
@@ -114,23 +161,27 @@ def test_heatmap_png(ckpt, images, tmp_path):
 def test_info_and_module_entry(ckpt):
     out = run("info", "--model", ckpt)
     assert "base model (no adapters)" in out.stdout and "adapter code" in out.stdout
-    via_module = subprocess.run([sys.executable, "-m", "jina_v4", "info", "--model", str(ckpt)],
-                                capture_output=True, text=True)
+    via_module = subprocess.run(
+        [sys.executable, "-m", "jina_v4", "info", "--model", str(ckpt)], capture_output=True, text=True
+    )
     assert via_module.returncode == 0 and via_module.stdout == out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
-    (["embed", "--image", "IMAGES/notes.txt"], "input 0 ("),
-    (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
-    (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
-    (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
-    (["embed", "x", "--task", "search"], "unknown task 'search'"),
-    (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
-    (["embed", "x", "--device", "cuda"], "no CUDA device"),
-    (["score", "q"], "no documents"),
-    (["heatmap", "q", "/no/such.png"], "No such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
+        (["embed", "--image", "IMAGES/notes.txt"], "input 0 ("),
+        (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
+        (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
+        (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
+        (["embed", "x", "--task", "search"], "unknown task 'search'"),
+        (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
+        (["embed", "x", "--device", "cuda"], "no CUDA device"),
+        (["score", "q"], "no documents"),
+        (["heatmap", "q", "/no/such.png"], "No such file"),
+    ],
+)
 def test_errors_are_one_line(ckpt, images, tmp_path, args, message):
     args = [a.replace("IMAGES", str(images)) for a in args]
     out = run(*args, "--model", ckpt, ok=False)

@@ -9,12 +9,13 @@ from peft import LoraConfig, get_peft_model
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
-from jina_v4.config import JinaV4Config
-from jina_v4.layers import RMSNorm, attention
-from jina_v4.lora import LoRALinear
-from jina_v4.positions import Segments, apply_rope, mrope_cos_sin, rope_index
-from jina_v4.processing import TaskRows
-from jina_v4.text import DecoderLayer
+from jina_v4.model.config import JinaV4Config
+from jina_v4.model.layers import RMSNorm, attention
+from jina_v4.model.lora import LoRALinear, active
+from jina_v4.model.positions import Segments, apply_rope, mrope_cos_sin, rope_index
+from jina_v4.model.processing import TaskRows
+from jina_v4.model.text import DecoderLayer
+
 from tolerances import FP32, call_error, max_diff, sum_rounding
 
 torch.manual_seed(0)
@@ -61,13 +62,20 @@ def test_decoder_layer(checkpoints, name):
     cos, sin = hf.Qwen2_5_VLRotaryEmbedding(hf_cfg)(x, pos)
     with torch.no_grad():
         for b, n in enumerate(lengths):  # the reference, one unpadded sequence at a time
-            expected = theirs(x[b:b + 1, :n], position_embeddings=(cos[:, b:b + 1, :n], sin[:, b:b + 1, :n]))[0][0]
+            expected = theirs(x[b : b + 1, :n], position_embeddings=(cos[:, b : b + 1, :n], sin[:, b : b + 1, :n]))[0][
+                0
+            ]
             packed = torch.cat([x[i, :m] for i, m in enumerate(lengths)])
-            c, s = mrope_cos_sin(torch.cat([pos[:, i, :m] for i, m in enumerate(lengths)], 1), ours_cfg.head_dim,
-                                 ours_cfg.rope_theta, ours_cfg.mrope_section, torch.float32)
+            c, s = mrope_cos_sin(
+                torch.cat([pos[:, i, :m] for i, m in enumerate(lengths)], 1),
+                ours_cfg.head_dim,
+                ours_cfg.rope_theta,
+                ours_cfg.mrope_section,
+                torch.float32,
+            )
             cu = [0, 9, 13, 26]
-            got = ours(packed, c, s, Segments(cu), task=None)[cu[b]:cu[b + 1]]
-            assert max_diff(got, expected) <= FP32 * call_error(ours, packed, c, s, Segments(cu), task=None)
+            got = ours(packed, c, s, Segments(cu))[cu[b] : cu[b + 1]]
+            assert max_diff(got, expected) <= FP32 * call_error(ours, packed, c, s, Segments(cu))
 
 
 def test_lora_layer():
@@ -90,18 +98,23 @@ def test_lora_layer():
         for t in ("t1", "t2"):
             peft_model.set_adapter(t)
             expected = peft_model(x)
-            # the low-rank term accumulates inside the GEMM (addmm) instead of a separate add: two
-            # implementations (tolerances.py); merged, W + s·BA is one more fp32 rounding of each weight
-            tol = FP32 * call_error(ours, x, t)
-            assert max_diff(ours(x, t), expected) <= tol
-            ours.merge(t)
-            assert max_diff(ours(x, t), expected) <= tol
-            ours.merge(None)
+            with active(t):
+                # the low-rank term accumulates inside the GEMM (addmm) instead of a separate add: two
+                # implementations (tolerances.py); merged, W + s·BA is one more fp32 rounding of each weight
+                tol = FP32 * call_error(ours, x)
+                assert max_diff(ours(x), expected) <= tol
+                ours.merge(t)
+                assert max_diff(ours(x), expected) <= tol
+                ours.merge(None)
         rows = (torch.arange(10) % 2)[:, None] == torch.arange(2)  # even rows t1, odd rows t2
-        mixed = ours(x, TaskRows(["t1", "t2"], rows.float()))
+        with active(TaskRows(["t1", "t2"], rows.float())):
+            mixed = ours(x)
         # masked rows get exactly 0 added, so each row equals the single-task result bit for bit
-        assert torch.equal(mixed[::2], ours(x, "t1")[::2]) and torch.equal(mixed[1::2], ours(x, "t2")[1::2])
-    with pytest.raises(ValueError, match="pass task="):
+        with active("t1"):
+            assert torch.equal(mixed[::2], ours(x)[::2])
+        with active("t2"):
+            assert torch.equal(mixed[1::2], ours(x)[1::2])
+    with pytest.raises(ValueError, match="run it under lora.active"):
         ours(x)
 
 
@@ -126,8 +139,11 @@ def test_packed_attention_matches_dense_masks():
     for causal in (True, False):
         mask = same & (torch.ones(T, T).tril().bool() if causal else True)
         dense = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
-            attn_mask=mask)
+            q.transpose(0, 1),
+            k.repeat_interleave(2, 1).transpose(0, 1),
+            v.repeat_interleave(2, 1).transpose(0, 1),
+            attn_mask=mask,
+        )
         tol = FP32 * call_error(attention, q, k, v, Segments(cu), causal)  # tolerances.py
         assert max_diff(attention(q, k, v, Segments(cu), causal), dense.transpose(0, 1)) <= tol
 
@@ -144,11 +160,10 @@ def test_rmsnorm_epsilon_at_small_magnitudes():
 def test_bf16_mean_pooling_accumulates_in_fp32():
     """4,000 bf16 token states pooled as the fp32 pooling of the same values (a bf16 running sum would drift
     by ~1e-3 relative: 8 bits of mantissa)."""
-    from jina_v4.heads import mean_pool
+    from jina_v4.model.heads import mean_rows
 
     h = torch.randn(4000, 64).add_(0.5).to(torch.bfloat16)
-    rows, seqs, sizes = torch.arange(4000), torch.zeros(4000, dtype=torch.long), torch.tensor([4000])
-    got = mean_pool(h, rows, seqs, sizes)
+    got = mean_rows(h, [range(4000)])[0]
     assert got.dtype == torch.float32
     exact = h.double().mean(0)
     # an fp32 running sum: its rounding's standard deviation from the data (tolerances.sum_rounding); 6 sigma

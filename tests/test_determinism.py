@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from jina_v4 import JinaV4
+
 from test_images import picture
 from tolerances import BF16, FP32, SAME
 
@@ -77,8 +78,13 @@ def batches_around(model, xs, deterministic, multivector, seed):
     tasks = ["retrieval"] * len(xs) + [rng.choice(["code", "text-matching", "retrieval"]) for _ in neighbours]
     model.max_batch_tokens = rng.choice([16384, 300, 120])
     try:
-        got = model.encode([xs[i] for i in order] + neighbours, task=tasks, deterministic=deterministic,
-                           return_multivector=multivector, batch_size=rng.choice([None, 2, 5]))
+        got = model.encode(
+            [xs[i] for i in order] + neighbours,
+            task=tasks,
+            deterministic=deterministic,
+            return_multivector=multivector,
+            batch_size=rng.choice([None, 2, 5]),
+        )
     finally:
         model.max_batch_tokens = 16384
     out = [None] * len(xs)
@@ -93,8 +99,10 @@ def test_batch_invariance(models, rounding, bf16_rounding, dtype, deterministic)
     model = models("mha-bf16", dtype)
     xs = inputs()
     for multivector in (False, True):
-        alone = [model.encode([x], task="retrieval", deterministic=deterministic, return_multivector=multivector)[0]
-                 for x in xs]
+        alone = [
+            model.encode([x], task="retrieval", deterministic=deterministic, return_multivector=multivector)[0]
+            for x in xs
+        ]
         for seed in range(3):
             got = batches_around(model, xs, deterministic, multivector, seed)
             for a, g in zip(alone, got):
@@ -112,9 +120,9 @@ def test_deterministic_elementwise_kernels(name, models, dtype):
     ran those functions on whole-vector tiles too."""
     torch.set_num_threads(2)
     model = models(name, dtype)
-    query = model.processor.prepare(["hello world " * 10], "retrieval")
+    query = model.prepare(["hello world " * 10], "retrieval")
     for neighbours in (["x y " * 50] * 2, ["neighbour " * 300, "z"]):
-        others = model.processor.prepare(neighbours, "retrieval")
+        others = model.prepare(neighbours, "retrieval")
         for multivector in (False, True):
             alone = model.encode_items(query, deterministic=True, return_multivector=multivector)[0]
             shared = model.encode_items(others + query, deterministic=True, return_multivector=multivector)[-1]
@@ -140,13 +148,12 @@ def test_truncation_is_per_call_across_threads(models):
 def test_deterministic_elementwise_tiles_are_whole_vectors():
     """What `pointwise` hands its function in deterministic mode: whole rows padded to a multiple of VECTOR
     elements (every element on the vectorised path) and at most GRAIN elements (one thread's share)."""
-    from jina_v4.modes import GRAIN, VECTOR, Mode, mode, pointwise
+    from jina_v4.execution import GRAIN, VECTOR, pointwise
 
     for shape in [(1, 1), (3, 97), (1000, 97), (5, 7, 64), (2, 40000), (700, 129)]:
         tiles = []
-        with mode(Mode(deterministic=True)):
-            out = pointwise(lambda t: tiles.append(t.shape) or t * 2, torch.arange(float(torch.Size(shape).numel()))
-                            .view(shape))
+        x = torch.arange(float(torch.Size(shape).numel())).view(shape)
+        out = pointwise(lambda t: tiles.append(t.shape) or t * 2, x)
         assert out.shape == shape and torch.equal(out, torch.arange(float(out.numel())).view(shape) * 2)
         assert tiles and all(t[-1] % VECTOR == 0 and t.numel() <= GRAIN for t in map(torch.Size, tiles))
 
@@ -160,14 +167,14 @@ def test_deterministic_elementwise_rows_ignore_their_neighbours(fn):
     alone, with 2 threads (where a thread's share of a tensor ends moves with the tensor's size). SiLU and GELU
     (what the model runs) round differently in the vectorised and the scalar code on x86 CPUs, so unpadded
     tiles fail here; exp, erf, cos and sin agree in both paths on the CPUs tried so far."""
-    from jina_v4.modes import Mode, mode, pointwise
+    from jina_v4.execution import mode
 
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         x = torch.randn(1031, 97, generator=torch.Generator().manual_seed(0)) * 3
-        with mode(Mode(deterministic=True)):
-            whole = pointwise(fn, x)
-            assert all(torch.equal(whole[i], pointwise(fn, x[i:i + 1])[0]) for i in range(len(x)))
+        with mode(deterministic=True):  # the mode runs these functions through execution.pointwise
+            whole = fn(x)
+            assert all(torch.equal(whole[i], fn(x[i : i + 1])[0]) for i in range(len(x)))
     finally:
         torch.set_num_threads(n)

@@ -8,12 +8,18 @@ import pytest
 import torch
 
 from jina_v4 import JinaV4
+
 from oracle64 import float64_islands
 from test_images import picture, reference_image
 
 TOL = 1e-12
-TEXTS = ["hello", "Overview of climate change impacts on coastal cities", "気候変動が沿岸都市に与える影響",
-         "def add(a, b):\n    return a + b\n" * 4, "A long passage. " * 40]
+TEXTS = [
+    "hello",
+    "Overview of climate change impacts on coastal cities",
+    "気候変動が沿岸都市に与える影響",
+    "def add(a, b):\n    return a + b\n" * 4,
+    "A long passage. " * 40,
+]
 IMAGES = [(240, 320), (100, 500), (56, 56), (450, 380)]
 
 
@@ -25,8 +31,10 @@ def pair(checkpoints):
 
     def get(name):
         if name not in cache:
-            cache[name] = (JinaV4.from_pretrained(checkpoints[name], device="cpu", dtype="float64"),
-                           Reference(checkpoints[name], dtype=torch.float64))
+            cache[name] = (
+                JinaV4.from_pretrained(checkpoints[name], device="cpu", dtype="float64"),
+                Reference(checkpoints[name], dtype=torch.float64),
+            )
         return cache[name]
 
     return get
@@ -34,8 +42,12 @@ def pair(checkpoints):
 
 def reference_outputs(ref, model, inputs, task, multivector):
     with float64_islands():
-        return [ref.encode_text([x], task, "passage", multivector=multivector)[0] if isinstance(x, str)
-                else reference_image(ref, model, x, task, multivector=multivector)[0] for x in inputs]
+        return [
+            ref.encode_text([x], task, "passage", multivector=multivector)[0]
+            if isinstance(x, str)
+            else reference_image(ref, model, x, task, multivector=multivector)[0]
+            for x in inputs
+        ]
 
 
 @pytest.mark.parametrize("task", ["retrieval", "text-matching", "code"])
@@ -57,8 +69,11 @@ def test_float64_mixed_tasks_and_matryoshka(pair):
     got = model.encode(inputs, task=tasks, prompt_name="passage", truncate_dim=16)
     with float64_islands():
         for g, x, t in zip(got, inputs, tasks):
-            e = (ref.encode_text([x], t, "passage", truncate_dim=16) if isinstance(x, str)
-                 else reference_image(ref, model, x, t, truncate_dim=16))[0]
+            e = (
+                ref.encode_text([x], t, "passage", truncate_dim=16)
+                if isinstance(x, str)
+                else reference_image(ref, model, x, t, truncate_dim=16)
+            )[0]
             assert (g - e).abs().max() <= TOL
 
 

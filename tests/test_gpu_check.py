@@ -22,8 +22,13 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out),
-                           "--dir", str(tmp / "ckpt")], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out), "--dir", str(tmp / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     return proc, out, tmp
 
 
@@ -49,8 +54,9 @@ def test_every_phase_runs_and_reports(tiny_run):
 
 
 def test_parity_on_the_tiny_model(tiny_run):
-    import gpu_check
     from jina_v4 import JinaV4
+
+    import gpu_check
     from parity import THRESHOLDS
     from tolerances import FP32, float64_copy, fp32_error
 
@@ -93,8 +99,20 @@ def test_a_failing_phase_is_recorded_and_the_next_one_runs(tiny_run, capsys):
     import gpu_check
 
     out = tiny_run[2] / "failing.json"
-    args = ["--tiny", "--device", "cpu", "--dir", str(tiny_run[2] / "ckpt"), "--out", str(out),
-            "--phases", "parity", "flops", "--probe-pages", "9x2000"]  # aspect over 200: parity fails
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dir",
+        str(tiny_run[2] / "ckpt"),
+        "--out",
+        str(out),
+        "--phases",
+        "parity",
+        "flops",
+        "--probe-pages",
+        "9x2000",
+    ]  # aspect over 200: parity fails
     assert gpu_check.main(args) == 1
     phases = json.loads(out.read_text())["phases"]
     assert phases["checkpoint"]["status"] == "ok" and phases["checkpoint"]["reused"]
@@ -107,8 +125,19 @@ def test_the_budget_skips_phases_but_not_the_checkpoint(tiny_run):
     import gpu_check
 
     out = tiny_run[2] / "budget.json"
-    args = ["--tiny", "--device", "cpu", "--dir", str(tiny_run[2] / "ckpt"), "--out", str(out),
-            "--phases", "activations", "--budget", "0"]
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dir",
+        str(tiny_run[2] / "ckpt"),
+        "--out",
+        str(out),
+        "--phases",
+        "activations",
+        "--budget",
+        "0",
+    ]
     assert gpu_check.main(args) == 0
     phases = json.loads(out.read_text())["phases"]
     assert phases["checkpoint"]["status"] == "ok" and phases["activations"]["status"] == "skipped"
@@ -137,13 +166,15 @@ def test_scaled_init_keeps_each_layer_at_unit_gain():
 def test_without_the_reference_and_with_a_failing_varlen_kernel(tiny_run, monkeypatch, reference):
     """transformers or peft missing, or the reference failing: parity compares bf16 with jina_v4's own fp32 and
     speed has no reference column. A varlen path that raises is recorded; the padded figures stay."""
-    import gpu_check
     from jina_v4 import JinaV4
+    from jina_v4 import execution
+
+    import gpu_check
 
     encode_items = JinaV4.encode_items
 
     def failing_varlen(self, *a, **kw):
-        if self.varlen:
+        if execution.current().attention == "varlen":
             raise RuntimeError("varlen kernel failed")
         return encode_items(self, *a, **kw)
 
@@ -156,9 +187,31 @@ def test_without_the_reference_and_with_a_failing_varlen_kernel(tiny_run, monkey
     else:
         monkeypatch.setattr(gpu_check, "reference", broken)
     out = tiny_run[2] / f"{reference}.json"
-    args = ["--tiny", "--device", "cpu", "--dir", str(tiny_run[2] / "ckpt"), "--out", str(out), "--phases",
-            "parity", "speed", "--probe-tokens", "8", "--probe-pages", "224x224", "--queries", "2",
-            "--passages", "1", "--passage-tokens", "50", "60", "--pages", "1"]
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dir",
+        str(tiny_run[2] / "ckpt"),
+        "--out",
+        str(out),
+        "--phases",
+        "parity",
+        "speed",
+        "--probe-tokens",
+        "8",
+        "--probe-pages",
+        "224x224",
+        "--queries",
+        "2",
+        "--passages",
+        "1",
+        "--passage-tokens",
+        "50",
+        "60",
+        "--pages",
+        "1",
+    ]
     assert gpu_check.main(args) == 0
     phases = json.loads(out.read_text())["phases"]
     parity, speed = phases["parity"], phases["speed"]

@@ -17,9 +17,10 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-from jina_v4.config import PreprocessorConfig
-from jina_v4.images import image_patches, load_image, smart_resize
-from jina_v4.positions import VisionLayout, rope_index, vision_cos_sin, window_index
+from jina_v4.model.config import PreprocessorConfig
+from jina_v4.model.images import image_patches, load_image, smart_resize
+from jina_v4.model.positions import VisionLayout, rope_index, vision_cos_sin, window_index
+
 from synthetic import RELEASED
 from tolerances import FP32
 
@@ -63,14 +64,19 @@ def test_smart_resize_matches_transformers_4_52(h, w):
     """The pinned reference agrees wherever it accepts the size (it raises for sides under 28 px)."""
     for max_pixels in (IMAGE_CFG.max_pixels, 1_003_520):
         assert smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels) == hf_smart_resize(
-            h, w, 28, IMAGE_CFG.min_pixels, max_pixels)
+            h, w, 28, IMAGE_CFG.min_pixels, max_pixels
+        )
 
 
 def test_released_token_counts():
     """Sequence lengths the real model produced for these sizes (measured on the released model by the
     jina-embeddings-v4 vLLM plugin's validation: 75, 110, 1258 tokens)."""
-    for (h, w), max_pixels, rows in [((224, 224), None, 75), ((240, 320), None, 110),
-                                     ((1600, 2400), 1_003_520, 1258), ((1600, 2400), None, 737)]:
+    for (h, w), max_pixels, rows in [
+        ((224, 224), None, 75),
+        ((240, 320), None, 110),
+        ((1600, 2400), 1_003_520, 1258),
+        ((1600, 2400), None, 737),
+    ]:
         rh, rw = smart_resize(h, w, 28, IMAGE_CFG.min_pixels, max_pixels or IMAGE_CFG.max_pixels)
         assert rh * rw // 28**2 + 11 == rows
 
@@ -80,8 +86,9 @@ def reference_resize_path(img, max_pixels=None):
     uint8 bicubic+antialias, which is `interpolate` on uint8 -> fused normalisation -> patch flattening."""
     rh, rw = hf_smart_resize(img.height, img.width, 28, IMAGE_CFG.min_pixels, max_pixels or IMAGE_CFG.max_pixels)
     x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    return torch.nn.functional.interpolate(x[None], size=(rh, rw), mode="bicubic", align_corners=False,
-                                           antialias=True)[0]
+    return torch.nn.functional.interpolate(x[None], size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)[
+        0
+    ]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "RGBA", "CMYK", "I;16"])
@@ -89,8 +96,13 @@ def reference_resize_path(img, max_pixels=None):
 def test_pixel_values_against_released_processor(h, w, mode):
     img = picture(h, w, seed=h + w, mode=mode)
     pixels, grid = image_patches(load_image(img), IMAGE_CFG)
-    slow = Qwen2VLImageProcessor(**{k: v for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text())
-                                   .items() if k != "processor_class"})
+    slow = Qwen2VLImageProcessor(
+        **{
+            k: v
+            for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text()).items()
+            if k != "processor_class"
+        }
+    )
     expected = slow(images=[img], return_tensors="pt")
     assert grid == tuple(expected["image_grid_thw"][0].tolist())
     # 1) the resize is exactly the interpolate path; the patch order and normalisation are the processor's:
@@ -100,8 +112,12 @@ def test_pixel_values_against_released_processor(h, w, mode):
     # fused (x - 255·mean) / (255·std) against three steps: at most five fp32 roundings, each within half an ulp
     assert (pixels - same["pixel_values"]).abs().max() <= 5 * torch.finfo(torch.float32).eps * pixels.abs().max()
     ours_u8 = torch.nn.functional.interpolate(
-        torch.from_numpy(np.array(load_image(img))).permute(2, 0, 1)[None], size=resized.shape[1:],
-        mode="bicubic", align_corners=False, antialias=True)[0]
+        torch.from_numpy(np.array(load_image(img))).permute(2, 0, 1)[None],
+        size=resized.shape[1:],
+        mode="bicubic",
+        align_corners=False,
+        antialias=True,
+    )[0]
     assert torch.equal(ours_u8, resized)
     # 2) against the whole PIL processor (Pillow's own bicubic): within 2 grey levels on photo-like images
     #    (strong white noise, noise=12, reaches 4-5 levels at near-unity scales: see NOTES.md).
@@ -114,8 +130,13 @@ def test_pixel_values_equal_torchvision_fast_processor():
     pytest.importorskip("torchvision")
     from transformers.models.qwen2_vl.image_processing_qwen2_vl_fast import Qwen2VLImageProcessorFast
 
-    fast = Qwen2VLImageProcessorFast(**{k: v for k, v in json.loads((RELEASED / "preprocessor_config.json")
-                                                                   .read_text()).items() if k != "processor_class"})
+    fast = Qwen2VLImageProcessorFast(
+        **{
+            k: v
+            for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text()).items()
+            if k != "processor_class"
+        }
+    )
     for i, (h, w) in enumerate([(224, 224), (31, 517), (480, 640), (1001, 999), (2000, 1500), (240, 320)]):
         for mode in ("RGB", "P", "RGBA", "CMYK", "I;16"):
             img = picture(h, w, seed=i, mode=mode)
@@ -135,15 +156,24 @@ def test_exif_orientation_is_not_applied(tmp_path):
     img.save(path, exif=exif, quality=95)
     stored = Image.open(path).convert("RGB")
     assert stored.size == (200, 120) and Image.open(path).getexif()[0x0112] == 6
-    slow = Qwen2VLImageProcessor(**{k: v for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text())
-                                   .items() if k != "processor_class"})
+    slow = Qwen2VLImageProcessor(
+        **{
+            k: v
+            for k, v in json.loads((RELEASED / "preprocessor_config.json").read_text()).items()
+            if k != "processor_class"
+        }
+    )
     expected_grid = tuple(slow(images=[stored], return_tensors="pt")["image_grid_thw"][0].tolist())
     resized = reference_resize_path(stored)
     for source in (path, path.read_bytes()):
         pixels, grid = image_patches(load_image(source), IMAGE_CFG)
         assert grid == expected_grid == (1, 8, 14)  # landscape: not the 14 x 8 of the displayed image
-        ours_u8 = torch.nn.functional.interpolate(torch.from_numpy(np.array(load_image(source))).permute(2, 0, 1)[None],
-                                                  size=resized.shape[1:], mode="bicubic", antialias=True)[0]
+        ours_u8 = torch.nn.functional.interpolate(
+            torch.from_numpy(np.array(load_image(source))).permute(2, 0, 1)[None],
+            size=resized.shape[1:],
+            mode="bicubic",
+            antialias=True,
+        )[0]
         assert torch.equal(ours_u8, resized)
 
 
@@ -196,9 +226,13 @@ GRIDS = [(1, 16, 16), (1, 18, 22), (1, 8, 36), (1, 22, 6), (1, 4, 4), (1, 2, 2),
 
 def hf_vision(cfg_dict):
     v = Qwen2_5_VLConfig.from_dict(cfg_dict).vision_config
-    return types.SimpleNamespace(spatial_merge_size=v.spatial_merge_size, patch_size=v.patch_size,
-                                 window_size=v.window_size, spatial_merge_unit=v.spatial_merge_size ** 2,
-                                 rotary_pos_emb=hf.Qwen2_5_VisionRotaryEmbedding(v.hidden_size // v.num_heads // 2))
+    return types.SimpleNamespace(
+        spatial_merge_size=v.spatial_merge_size,
+        patch_size=v.patch_size,
+        window_size=v.window_size,
+        spatial_merge_unit=v.spatial_merge_size**2,
+        rotary_pos_emb=hf.Qwen2_5_VisionRotaryEmbedding(v.hidden_size // v.num_heads // 2),
+    )
 
 
 def test_window_index_and_seqlens(checkpoints):
@@ -231,23 +265,26 @@ def test_rope_index_with_images_and_padding(checkpoints):
     cfg = json.loads((checkpoints["gqa2-sharded"] / "config.json").read_text())
     model = types.SimpleNamespace(config=Qwen2_5_VLConfig.from_dict(cfg))
     pad, start, end = cfg["image_token_id"], cfg["vision_start_token_id"], cfg["vision_end_token_id"]
-    rows = [([5, 6, 7, start] + [pad] * 6 + [end, 1, 2, 3, 4, 5, 6], [(1, 4, 6)]),  # the worked example in NOTES
-            ([1, 2, 3], []),  # text only, padded
-            ([start] + [pad] * 20 + [end] + [4] * 30, [(1, 10, 8)]),
-            ([9, start] + [pad] * 4 + [end, 3, start] + [pad] * 6 + [end], [(1, 4, 4), (1, 4, 6)])]
+    rows = [
+        ([5, 6, 7, start] + [pad] * 6 + [end, 1, 2, 3, 4, 5, 6], [(1, 4, 6)]),  # the worked example in NOTES
+        ([1, 2, 3], []),  # text only, padded
+        ([start] + [pad] * 20 + [end] + [4] * 30, [(1, 10, 8)]),
+        ([9, start] + [pad] * 4 + [end, 3, start] + [pad] * 6 + [end], [(1, 4, 4), (1, 4, 6)]),
+    ]
     L = max(len(r) for r, _ in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.long)
     for b, (r, _) in enumerate(rows):
-        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
     grids = torch.tensor([g for _, gs in rows for g in gs])
     expected, _ = hf.Qwen2_5_VLModel.get_rope_index(model, ids, grids, None, None, mask)
     for b, (r, gs) in enumerate(rows):
-        assert torch.equal(rope_index(r, gs, pad, 2), expected[:, b, :len(r)])
+        assert torch.equal(rope_index(r, gs, pad, 2), expected[:, b, : len(r)])
     assert rope_index(rows[0][0], rows[0][1], pad, 2).tolist() == [
         [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9, 10, 11, 12, 13],
         [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9, 10, 11, 12, 13],
-        [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+        [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+    ]
 
 
 # ---- parity --------------------------------------------------------------------------------------------
@@ -296,8 +333,14 @@ def test_truncate_dim_and_max_pixels(models, references, rounding):
 def test_mixed_text_and_image_batch(name, models, references, rounding):
     """Each row pooled by its own rule, in one packed batch (the reference pools by row 0's rule)."""
     model, ref = models(name), references(name)
-    inputs = ["a query about maps", picture(240, 320, 1), {"text": "a passage " * 20}, picture(100, 500, 2),
-              {"image": picture(56, 56, 3)}, "short"]
+    inputs = [
+        "a query about maps",
+        picture(240, 320, 1),
+        {"text": "a passage " * 20},
+        picture(100, 500, 2),
+        {"image": picture(56, 56, 3)},
+        "short",
+    ]
     tasks = ["retrieval", "code", "text-matching", "retrieval", "code", "code"]
     for multivector in (False, True):
         got = model.encode(inputs, task=tasks, prompt_name="passage", batch_size=6, return_multivector=multivector)

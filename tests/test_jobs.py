@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jina_v4.jobs import read_shards
-from test_cli import SCRIPT, run
+from jina_v4.apps.jobs import read_shards
+
+from test_cli import run
 
 N = 200  # inputs; shards of 5
 PAUSER = Path(__file__).parent / "pausing_embed.py"
@@ -50,8 +51,13 @@ def paused_run(args, after: int, tmp_path):
     process, once it is provably mid-run. Nothing here depends on how fast the machine is."""
     marker = tmp_path / f"paused-{after}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(PAUSER), str(after), str(marker), *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(PAUSER), str(after), str(marker), *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300  # a bound on a hang, not a timing assumption: the marker ends the wait
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -100,19 +106,46 @@ def test_skip_and_report(checkpoints, corpus, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (64, 48), (10, 200, 30)).save(good)
-    failed = run("embed", "a text", "--image", bad, "--image", good, "--model", ckpt, "-o", tmp_path / "x.npy",
-                 ok=False)
+    failed = run(
+        "embed", "a text", "--image", bad, "--image", good, "--model", ckpt, "-o", tmp_path / "x.npy", ok=False
+    )
     assert failed.returncode == 1 and f"input 1 ({bad})" in failed.stderr and "UnidentifiedImageError" in failed.stderr
-    out = run("embed", "a text", "--image", bad, "--image", good, "--model", ckpt, "-o", tmp_path / "x.jsonl",
-              "--on-error", "skip")
+    out = run(
+        "embed",
+        "a text",
+        "--image",
+        bad,
+        "--image",
+        good,
+        "--model",
+        ckpt,
+        "-o",
+        tmp_path / "x.jsonl",
+        "--on-error",
+        "skip",
+    )
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 2] and "1 skipped" in out.stderr
     report = [json.loads(line) for line in (tmp_path / "x.jsonl.skipped.jsonl").read_text().splitlines()]
     assert report == [{"index": 1, "input": str(bad), "error": report[0]["error"]}]
     assert report[0]["error"].startswith("UnidentifiedImageError: cannot identify image file")
     shards = tmp_path / "skip-shards"
-    run("embed", "a text", "--image", bad, "--image", good, "--model", ckpt, "-o", shards, "--on-error", "skip",
-        "--shard-size", 2)
+    run(
+        "embed",
+        "a text",
+        "--image",
+        bad,
+        "--image",
+        good,
+        "--model",
+        ckpt,
+        "-o",
+        shards,
+        "--on-error",
+        "skip",
+        "--shard-size",
+        2,
+    )
     assert read_shards(shards)[0] == [0, 2]
     assert [json.loads(line)["index"] for line in (shards / "skipped.jsonl").read_text().splitlines()] == [1]
 

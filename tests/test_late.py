@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import padded_hidden_states
 from jina_v4 import encode_chunks, similarity_map
-from jina_v4.chunking import anchors, chunk_token_mask, sentence_spans, token_chunks
-from jina_v4.scoring import maxsim, pad_multivectors
+from jina_v4.apps.chunking import anchors, chunk_token_mask, sentence_spans, token_chunks
+from jina_v4.apps.scoring import maxsim, pad_multivectors
+
+from conftest import padded_hidden_states
 from tolerances import FP32, gamma
 
 torch.manual_seed(0)
@@ -78,9 +79,15 @@ def test_pad_multivectors():
 def test_chunkers():
     text = "First sentence. Second one!  Third?\nA line without a stop\n最后一句。还有一句"
     spans = sentence_spans(text)
-    assert [text[a:b] for a, b in spans] == ["First sentence.", "Second one!", "Third?", "A line without a stop",
-                                            "最后一句。", "还有一句"]
-    text = "abc de fgh\U0001F680 ijk"
+    assert [text[a:b] for a, b in spans] == [
+        "First sentence.",
+        "Second one!",
+        "Third?",
+        "A line without a stop",
+        "最后一句。",
+        "还有一句",
+    ]
+    text = "abc de fgh\U0001f680 ijk"
     offsets = [(-3, 0), (-1, 3), (3, 6), (6, 10), (10, 11), (10, 11), (11, 15)]  # the 🚀 is two tokens
     anchor = anchors(text, offsets)
     assert anchor == [-1, 0, 4, 7, 10, 10, 12]  # prefix; "abc" begins in the prefix; leading spaces skipped
@@ -94,8 +101,10 @@ def anchor_of(text, a, b):
     return next((i for i in range(max(a, 0), max(b, 0)) if not text[i].isspace()), -1)
 
 
-DOC = ("Coastal cities face rising seas. Storm surges grow stronger every decade! "
-       "Salt water reaches the wells?\n海平面上升威胁沿海城市。Adaptation costs money.")
+DOC = (
+    "Coastal cities face rising seas. Storm surges grow stronger every decade! "
+    "Salt water reaches the wells?\n海平面上升威胁沿海城市。Adaptation costs money."
+)
 
 
 @pytest.mark.parametrize("chunks", ["sentences", 7, [(0, 10), (10, 60), (60, len(DOC))]])
@@ -140,7 +149,7 @@ def test_similarity_map(models):
     d = model.encode_image(img, task="retrieval", return_multivector=True)
     rows = torch.tensor(item.input_ids) == model.config.image_token_id
     # each cell's score is MaxSim of the query against that cell alone (two fp32 sums of the same products)
-    cells = [d[i:i + 1] for i in rows.nonzero().flatten()]
+    cells = [d[i : i + 1] for i in rows.nonzero().flatten()]
     assert (heat.flatten() - maxsim([q], cells)[0]).abs().max() <= maxsim_bound([q], cells)
 
 
@@ -167,7 +176,9 @@ def test_bidirectional_switch_matches_reference_with_full_mask(models, reference
         layer.self_attn.causal = False
     try:
         both_ways = padded_hidden_states(model, b["input_ids"], task="retrieval")
-        tol = FP32 * fp32_error(float64_copy(model), lambda m: padded_hidden_states(m, b["input_ids"], task="retrieval"))
+        tol = FP32 * fp32_error(
+            float64_copy(model), lambda m: padded_hidden_states(m, b["input_ids"], task="retrieval")
+        )
     finally:
         for layer in model.model.layers:
             layer.self_attn.causal = True
@@ -183,6 +194,7 @@ def test_bidirectional_switch_matches_reference_with_full_mask(models, reference
 
 def test_add_task_starts_as_the_base_model(checkpoints, references):
     from jina_v4 import JinaV4
+
     from tolerances import float64_copy, fp32_error
 
     model = JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu")

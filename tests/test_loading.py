@@ -11,7 +11,8 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from jina_v4 import AdapterConfig, CheckpointError, ConfigError, JinaV4, JinaV4Config
-from jina_v4.loading import adapter_key, adapter_name
+from jina_v4.model.loading import adapter_key, adapter_name
+
 from synthetic import RELEASED
 
 TASKS = ["retrieval", "text-matching", "code"]
@@ -34,7 +35,7 @@ def test_full_size_base_tensors(full_size):
         hf = Qwen2_5_VLModel._from_config(cfg, attn_implementation="sdpa")
     expected = {}
     for k, v in hf.state_dict().items():
-        k = "model." + k[len("language_model."):] if k.startswith("language_model.") else k
+        k = "model." + k[len("language_model.") :] if k.startswith("language_model.") else k
         expected[k] = tuple(v.shape)
     expected.update({"multi_vector_projector.weight": (128, 2048), "multi_vector_projector.bias": (128,)})
     assert base == expected
@@ -48,10 +49,21 @@ def test_full_size_adapter_tensors(full_size):
     for task in TASKS:
         assert sum(torch.Size(s).numel() for k, s in lora.items() if k.endswith("." + task)) == 59_936_768
     # the released adapter file's names map exactly onto these parameters, and back
-    released = [f"base_model.model.model.language_model.layers.{i}.{m}.lora_{ab}.{t}.weight"
-                for i in range(36) for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-                for ab in "AB" for t in TASKS]
+    released = [
+        f"base_model.model.model.language_model.layers.{i}.{m}.lora_{ab}.{t}.weight"
+        for i in range(36)
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+        for ab in "AB"
+        for t in TASKS
+    ]
     released += [f"base_model.model.multi_vector_projector.lora_{ab}.{t}.weight" for ab in "AB" for t in TASKS]
     assert sorted(adapter_name(k) for k in released) == sorted(lora)
     assert sorted(adapter_key(k) for k in lora) == sorted(released)
@@ -75,8 +87,16 @@ def copy(checkpoints, tmp_path, name="gqa4-single"):
 def test_newer_transformers_layout(checkpoints, models, tmp_path):
     path = copy(checkpoints, tmp_path)
     w = load_file(path / "model.safetensors")
-    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
-                "model." + k if k.startswith("visual.") else k): v for k, v in w.items()}
+    renamed = {
+        (
+            "model.language_model." + k[6:]
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): v
+        for k, v in w.items()
+    }
     save_file(renamed, path / "model.safetensors")
     text = ["a text", "another, longer text"]
     got = JinaV4.from_pretrained(path, device="cpu").encode_text(text, task="code")
@@ -138,8 +158,11 @@ def test_adapter_rank_differs_from_config(checkpoints, tmp_path):
     cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
     cfg["r"] = 16
     (path / "adapters" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"adapters/adapter_model\.safetensors: tensor 'base_model\.model\..*"
-                                              r"lora_A\..*has shape \(8, .*expected \(16, .*LoRA rank must equal r"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"adapters/adapter_model\.safetensors: tensor 'base_model\.model\..*"
+        r"lora_A\..*has shape \(8, .*expected \(16, .*LoRA rank must equal r",
+    ):
         JinaV4.from_pretrained(path, device="cpu")
 
 
@@ -152,14 +175,21 @@ def test_index_and_shard_disagree(checkpoints, tmp_path):
         JinaV4.from_pretrained(path, device="cpu")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c["text_config"].pop("num_key_value_heads"),
-     r"config\.json: key 'text_config\.num_key_value_heads' is missing"),
-    (lambda c: c["vision_config"].update(depth="4"),
-     r"config\.json: key 'vision_config\.depth' should be int, got '4'"),
-    (lambda c: c.pop("task_names"), r"config\.json: key 'task_names' is missing"),
-    (lambda c: c.update(matryoshka_dims=[8, "x"]), r"key 'matryoshka_dims\[1\]' should be int"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c["text_config"].pop("num_key_value_heads"),
+            r"config\.json: key 'text_config\.num_key_value_heads' is missing",
+        ),
+        (
+            lambda c: c["vision_config"].update(depth="4"),
+            r"config\.json: key 'vision_config\.depth' should be int, got '4'",
+        ),
+        (lambda c: c.pop("task_names"), r"config\.json: key 'task_names' is missing"),
+        (lambda c: c.update(matryoshka_dims=[8, "x"]), r"key 'matryoshka_dims\[1\]' should be int"),
+    ],
+)
 def test_config_errors(checkpoints, tmp_path, edit, message):
     path = copy(checkpoints, tmp_path)
     cfg = json.loads((path / "config.json").read_text())
@@ -171,8 +201,11 @@ def test_config_errors(checkpoints, tmp_path, edit, message):
 
 def test_unknown_task_and_truncate_dim(models):
     m = models("gqa2-sharded")
-    with pytest.raises(ValueError, match=r"unknown task 'search': valid tasks are "
-                                         r"\['retrieval', 'text-matching', 'code'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'search': valid tasks are "
+        r"\['retrieval', 'text-matching', 'code'\]",
+    ):
         m.encode_text("x", task="search")
     with pytest.raises(ValueError, match=r"no task given: pass task=\.\.\. or set model\.task to one of \['retrieval'"):
         m.encode_text("x")
@@ -187,7 +220,7 @@ def test_unknown_task_and_truncate_dim(models):
 def test_info_on_a_hub_id_fetches_only_the_configs(checkpoints, monkeypatch):
     import huggingface_hub
 
-    from jina_v4.cli import build_meta
+    from jina_v4.apps.cli import build_meta
 
     asked = {}
 
@@ -208,14 +241,20 @@ def test_a_tensor_in_two_shards(checkpoints, tmp_path):
     second = load_file(path / "model-00002-of-00002.safetensors")
     second[key] = first[key].clone()
     save_file(second, path / "model-00002-of-00002.safetensors")
-    with pytest.raises(CheckpointError, match=rf"model-00002-of-00002\.safetensors: tensor '{key}' duplicates "
-                                              rf"model-00001-of-00002\.safetensors: tensor '{key}'"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model-00002-of-00002\.safetensors: tensor '{key}' duplicates "
+        rf"model-00001-of-00002\.safetensors: tensor '{key}'",
+    ):
         JinaV4.from_pretrained(path, device="cpu")
 
 
 def test_a_tensor_under_both_layouts(checkpoints, tmp_path):
     path = copy(checkpoints, tmp_path)
     rewrite(path, lambda w: w.update({"model.language_model.norm.weight": w["model.norm.weight"].clone()}))
-    with pytest.raises(CheckpointError, match=r"tensor '(model\.language_model\.norm|model\.norm)\.weight' "
-                                              r"duplicates model\.safetensors: tensor "):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor '(model\.language_model\.norm|model\.norm)\.weight' "
+        r"duplicates model\.safetensors: tensor ",
+    ):
         JinaV4.from_pretrained(path, device="cpu")

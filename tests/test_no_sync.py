@@ -8,14 +8,27 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from jina_v4.heads import multi_vectors, single_vectors
-from jina_v4.layers import attention
-from jina_v4.modes import Mode, mode
-from jina_v4.positions import Segments
+from jina_v4.execution import mode
+from jina_v4.model.heads import Multi, Single
+from jina_v4.model.layers import attention
+from jina_v4.model.positions import Segments
+
 from test_images import picture
 
-READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere", "masked_select",
-         "unique", "unique_consecutive", "numpy"}
+READS = {
+    "item",
+    "tolist",
+    "__int__",
+    "__float__",
+    "__bool__",
+    "__index__",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "unique",
+    "unique_consecutive",
+    "numpy",
+}
 INDEXING = {"__getitem__", "__setitem__", "index_put_", "index_put"}
 
 
@@ -40,8 +53,11 @@ class HostReads(TorchFunctionMode):
             self.calls.append(name)
         elif name in INDEXING and len(args) > 1 and has_bool_tensor(args[1]):
             self.calls.append(f"{name} with a boolean mask")
-        elif name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"),
-                                                         torch.Tensor) and kwargs.get("output_size") is None:
+        elif (
+            name == "repeat_interleave"
+            and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
+            and kwargs.get("output_size") is None
+        ):
             self.calls.append("repeat_interleave without output_size")
         return func(*args, **kwargs)
 
@@ -50,15 +66,18 @@ class HostReads(TorchFunctionMode):
 def test_forward_reads_nothing_back(models, deterministic):
     model = models("mha-bf16")
     inputs = ["a short query", picture(240, 320, 1), "a longer passage " * 20, picture(100, 500, 2), "x"]
-    items = model.processor.prepare(inputs, ["code", "retrieval", "code", "text-matching", "code"])
+    items = model.prepare(inputs, ["code", "retrieval", "code", "text-matching", "code"])
     batch = model.processor.collate(items).to(model.device, model.dtype)
-    with torch.inference_mode():
+    with torch.inference_mode(), mode(deterministic=deterministic):
         with HostReads() as reads:
-            h = model(batch, deterministic=deterministic)
-            single = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes, 8)
-            multi = multi_vectors(model.multi_vector_projector, h, batch.task)
+            h = model(batch)
+            single = Single(8)(model, h, batch)
+            multi = Multi()(model, h, batch)
     assert reads.calls == []
-    assert single.shape == (5, 8) and multi.shape == (h.shape[0], model.config.multi_vector_projector_dim)
+    assert len(single) == 5 and single[0].shape == (8,)
+    assert [len(m) for m in multi] == batch.seqs.lengths and multi[0].shape[
+        1
+    ] == model.config.multi_vector_projector_dim
 
 
 def test_the_counter_counts():
@@ -66,18 +85,23 @@ def test_the_counter_counts():
     with HostReads() as reads:
         x.sum().item(), x[x > 2], x.nonzero(), bool(x[0] == 0), torch.repeat_interleave(x, torch.ones(6, dtype=int))
         x[torch.tensor([1, 2])], int(x[1])
-    assert reads.calls == ["item", "__getitem__ with a boolean mask", "nonzero", "__bool__",
-                           "repeat_interleave without output_size", "__int__"]
+    assert reads.calls == [
+        "item",
+        "__getitem__ with a boolean mask",
+        "nonzero",
+        "__bool__",
+        "repeat_interleave without output_size",
+        "__int__",
+    ]
 
 
 def test_varlen_switch_falls_back_on_cpu():
-    """`model.varlen` asks for the varlen kernel where the device has it (CUDA, half precision); on a CPU the
-    same call runs the per-length SDPA path and gives exactly its result."""
+    """`mode(attention="varlen")` asks for the varlen kernel where the device has it (CUDA, half precision); on a
+    CPU the same call runs the per-length SDPA path and gives exactly its result."""
     q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
     seqs = Segments([0, 7, 9, 20])
-    with mode(Mode(varlen=False)):
-        plain = attention(q, k, v, seqs, causal=True)
-    with mode(Mode(varlen=True)):
+    plain = attention(q, k, v, seqs, causal=True)
+    with mode(attention="varlen"):
         switched = attention(q, k, v, seqs, causal=True)
     assert torch.equal(plain, switched)
 
@@ -86,9 +110,6 @@ def test_model_varlen_switch_on_cpu(models):
     model = models("gqa2-sharded")
     texts = ["one", "two texts here", "and a third, longer one " * 5]
     plain = model.encode_text(texts, task="code", return_multivector=True)
-    model.varlen = True
-    try:
+    with mode(attention="varlen"):
         switched = model.encode_text(texts, task="code", return_multivector=True)
-    finally:
-        model.varlen = False
     assert all(torch.equal(a, b) for a, b in zip(plain, switched))

@@ -5,18 +5,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 PARITY = Path(__file__).parents[1] / "scripts" / "parity.py"
 # Run parity.py with transformers and peft made unimportable: --against must not need them.
-WITHOUT_TRANSFORMERS = ("import runpy, sys; sys.modules['transformers'] = sys.modules['peft'] = None; "
-                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+WITHOUT_TRANSFORMERS = (
+    "import runpy, sys; sys.modules['transformers'] = sys.modules['peft'] = None; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def run(*args, block_transformers=False):
-    cmd = [sys.executable, "-c", WITHOUT_TRANSFORMERS, str(PARITY)] if block_transformers else [sys.executable,
-                                                                                                   str(PARITY)]
+    cmd = (
+        [sys.executable, "-c", WITHOUT_TRANSFORMERS, str(PARITY)]
+        if block_transformers
+        else [sys.executable, str(PARITY)]
+    )
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
@@ -46,7 +51,8 @@ def test_save_then_against_then_altered(checkpoints, tmp_path):
 
 
 def test_bf16_against_fp32_reference(checkpoints):
-    out = run("--model", checkpoints["gqa2-sharded"], "--device", "cpu", "--dtype", "bfloat16",
-              "--reference-dtype", "float32")
+    out = run(
+        "--model", checkpoints["gqa2-sharded"], "--device", "cpu", "--dtype", "bfloat16", "--reference-dtype", "float32"
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "96/96 outputs pass (bfloat16" in out.stdout

@@ -4,9 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jina_v4.heads import mean_pool
-from jina_v4.positions import rope_index, window_index
-from jina_v4.images import smart_resize
+from jina_v4.model.heads import mean_rows
+from jina_v4.model.images import smart_resize
+from jina_v4.model.positions import rope_index, window_index
+
 from tolerances import SAME, gamma
 
 F = 28
@@ -51,13 +52,13 @@ def test_rope_positions(before, gh, gw, after):
     text = list(range(before)) + list(range(before + gh * gw, len(ids)))
     for a in range(3):  # text advances by exactly one on every axis
         steps = pos[a, text].diff()
-        assert (steps[: max(before - 1, 0)] == 1).all() and (pos[a, before + gh * gw:].diff() == 1).all()
-    image = pos[:, before:before + gh * gw]
+        assert (steps[: max(before - 1, 0)] == 1).all() and (pos[a, before + gh * gw :].diff() == 1).all()
+    image = pos[:, before : before + gh * gw]
     assert (image[0] == before).all()  # T constant
     assert torch.equal(image[1].view(gh, gw), before + torch.arange(gh)[:, None].expand(gh, gw))
     assert torch.equal(image[2].view(gh, gw), before + torch.arange(gw).expand(gh, gw))
     if after:
-        assert pos[:, before + gh * gw].min() == pos[:, :before + gh * gw].max() + 1
+        assert pos[:, before + gh * gw].min() == pos[:, : before + gh * gw].max() + 1
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
@@ -69,15 +70,13 @@ def test_mean_pool_ignores_what_is_masked(lengths, seed):
         cu.append(cu[-1] + n)
     mask = torch.rand(len(h), generator=g) < 0.7
     mask[torch.tensor(cu[:-1])] = True  # every sequence keeps at least one token
-    rows = mask.nonzero().flatten()
-    seqs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[rows]
-    sizes = torch.bincount(seqs, minlength=len(lengths))
-    pooled = mean_pool(h, rows, seqs, sizes)
+    groups = [torch.arange(cu[b], cu[b + 1])[mask[cu[b] : cu[b + 1]]] for b in range(len(lengths))]
+    pooled = mean_rows(h, groups)
     noisy = h.clone()
     noisy[~mask] = torch.randn(int((~mask).sum()), 8, generator=g) * 1e3  # padding may hold anything
-    assert torch.allclose(mean_pool(noisy, rows, seqs, sizes), pooled)
+    assert torch.equal(mean_rows(noisy, groups), pooled)
     for b in range(len(lengths)):
-        rows = h[cu[b]:cu[b + 1]][mask[cu[b]:cu[b + 1]]]
+        rows = h[cu[b] : cu[b + 1]][mask[cu[b] : cu[b + 1]]]
         # two fp32 sums of the same terms in other orders, then one division: Higham's bound, twice
         tol = 2 * (gamma(len(rows)) * rows.abs().sum(0) / len(rows) + torch.finfo(torch.float32).eps * rows.abs().max())
         assert ((pooled[b] - rows.mean(0)).abs() <= tol).all()

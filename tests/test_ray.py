@@ -1,4 +1,4 @@
-"""`jina-v4 embed --ray` and `jina_v4.ray_data` on a local Ray (2 CPUs, one Ray for the module): the parquet
+"""`jina-v4 embed --ray` and `jina_v4.apps.ray_data` on a local Ray (2 CPUs, one Ray for the module): the parquet
 output equals the single-process API and holds every input once, an actor killed mid-run is restarted and its
 batch retried without loss or duplicates, and bad inputs fail the job or are skipped and reported."""
 
@@ -15,8 +15,8 @@ import pytest
 import ray
 from PIL import Image
 
-from jina_v4.cli import main
-from jina_v4.ray_data import EmbedError, Embedder, embed_corpus, read_vectors
+from jina_v4.apps.cli import main
+from jina_v4.apps.ray_data import Embedder, EmbedError, embed_corpus, read_vectors
 
 TEXTS = [f"document {i}: " + "words and more words " * (1 + i % 4) for i in range(10)]
 DIE_AT = 5  # the id whose batch kills its actor
@@ -26,8 +26,13 @@ DIE_AT = 5  # the id whose batch kills its actor
 def local_ray():
     tests = str(Path(__file__).parent)  # workers import this module (DyingEmbedder) by name
     path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -95,8 +100,7 @@ def test_equals_the_single_process_api(ckpt, models, batch_tol, corpus, tmp_path
     each exactly once, and the vectors those of `model.encode` in one process."""
     d, inputs = corpus
     files = as_parquet(inputs, tmp_path) if multivector else [str(d / "corpus.jsonl")]
-    r = embed_corpus(files, str(tmp_path / "out"), ckpt, actors=2, rows=3, multivector=multivector,
-                     dtype="float32")
+    r = embed_corpus(files, str(tmp_path / "out"), ckpt, actors=2, rows=3, multivector=multivector, dtype="float32")
     ids, vectors = in_id_order(*read_vectors(tmp_path / "out"))
     assert ids == list(range(len(inputs)))
     assert r["embedded"] == len(inputs) and r["skipped"] == 0 and len(list((tmp_path / "out").glob("*.parquet"))) > 1
@@ -125,8 +129,16 @@ class DyingEmbedder(Embedder):
 def test_killed_actor_is_restarted_and_nothing_is_lost_or_repeated(ckpt, models, batch_tol, corpus, tmp_path):
     d, inputs = corpus
     marker = tmp_path / "died"
-    embed_corpus([str(d / "corpus.jsonl")], str(tmp_path / "out"), ckpt, actors=2, rows=2, dtype="float32",
-                 cls=DyingEmbedder, marker=str(marker))
+    embed_corpus(
+        [str(d / "corpus.jsonl")],
+        str(tmp_path / "out"),
+        ckpt,
+        actors=2,
+        rows=2,
+        dtype="float32",
+        cls=DyingEmbedder,
+        marker=str(marker),
+    )
     starts = marker.with_suffix(".starts").read_text().split()
     assert marker.exists() and marker.read_text() in starts, "an actor died on its batch"
     assert len(starts) == 3, "2 actors, and the dead one restarted once"
@@ -139,9 +151,14 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_repeated(ckpt, models,
 def bad_corpus(corpus):
     d, _ = corpus
     rows = [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS[:4])]
-    rows += [{"id": "missing", "image": "pages/missing.png"}, {"id": "not-an-image", "image": "corpus.jsonl"},
-             {"id": "both", "text": "x", "image": "pages/a.png"}, {"id": "number", "text": 7},
-             {"id": "t4", "text": TEXTS[4]}, {"id": "surrogate", "text": "bad \ud800 text"}]
+    rows += [
+        {"id": "missing", "image": "pages/missing.png"},
+        {"id": "not-an-image", "image": "corpus.jsonl"},
+        {"id": "both", "text": "x", "image": "pages/a.png"},
+        {"id": "number", "text": 7},
+        {"id": "t4", "text": TEXTS[4]},
+        {"id": "surrogate", "text": "bad \ud800 text"},
+    ]
     (d / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d / "bad.jsonl"
 
@@ -189,8 +206,28 @@ def test_cli_on_an_image_directory(ckpt, models, batch_tol, corpus, tmp_path, ca
     """`jina-v4 embed --ray` in-process: it joins the running Ray instead of starting one."""
     d, inputs = corpus
     out = tmp_path / "out"
-    assert main(["embed", "--ray", "--input", str(d / "pages"), "-o", str(out), "--model", ckpt,
-                 "--multivector", "--actors", "1", "--shard-size", "2", "--max-pixels", "3000"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--ray",
+                "--input",
+                str(d / "pages"),
+                "-o",
+                str(out),
+                "--model",
+                ckpt,
+                "--multivector",
+                "--actors",
+                "1",
+                "--shard-size",
+                "2",
+                "--max-pixels",
+                "3000",
+            ]
+        )
+        == 0
+    )
     ids, vectors = read_vectors(out)
     images = sorted(str(p) for p in (d / "pages").iterdir())
     assert sorted(ids) == images
@@ -201,9 +238,15 @@ def test_cli_on_an_image_directory(ckpt, models, batch_tol, corpus, tmp_path, ca
     assert "holds an earlier run's parquet files" in capsys.readouterr().err
     assert main(["embed", "a text", "--ray", "-o", str(out), "--model", ckpt]) == 1
     assert "with --ray, give --input files" in capsys.readouterr().err
-    for options, message in [(["--task", "nope"], "unknown task 'nope'"),  # checked before any actor starts
-                             (["--multivector", "--truncate-dim", "16"], "truncate_dim applies to single vectors"),
-                             (["--truncate-dim", "17"], "truncate_dim=17 is not one of the Matryoshka dims")]:
-        assert main(["embed", "--ray", "--input", str(d / "pages"), "-o", str(tmp_path / "new"), "--model", ckpt,
-                     *options]) == 1
+    for options, message in [
+        (["--task", "nope"], "unknown task 'nope'"),  # checked before any actor starts
+        (["--multivector", "--truncate-dim", "16"], "truncate_dim applies to single vectors"),
+        (["--truncate-dim", "17"], "truncate_dim=17 is not one of the Matryoshka dims"),
+    ]:
+        assert (
+            main(
+                ["embed", "--ray", "--input", str(d / "pages"), "-o", str(tmp_path / "new"), "--model", ckpt, *options]
+            )
+            == 1
+        )
         assert message in capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from jina_v4 import CheckpointError, ConfigError, InputError, JinaV4
+
 from tolerances import FP32
 
 
@@ -59,8 +60,11 @@ def test_text_over_max_length_warns_and_truncates(model, references, rounding):
     ref = references("gqa2-sharded")
     text = "a long text " * 40
     n = len(model.processor.tokenize([f"Query: {text}"])[0].input_ids)
-    with pytest.warns(UserWarning, match=rf"texts\[0\] \('a long text .*\.\.\.\): {n - 20} tokens past max_length=20 "
-                                         r"were dropped"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"texts\[0\] \('a long text .*\.\.\.\): {n - 20} tokens past max_length=20 "
+        r"were dropped",
+    ):
         got = model.encode_text([text, "short"], task="code", max_length=20)
     tol = FP32 * rounding("gqa2-sharded", "text")  # tolerances.py
     assert (got[0] - ref.encode_text([text], "code", max_length=20)[0]).abs().max() <= tol
@@ -79,13 +83,16 @@ def photo(h=90, w=120, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (b"\x89PNG\r\n\x1a\n not really a png", r"images\[1\] \(b'\\x89PNG.*UnidentifiedImageError"),
-    (png_bytes(photo())[:300], r"images\[1\] \(b'\\x89PNG.*(truncated|broken|OSError)"),
-    (Image.new("RGB", (0, 7)), r"images\[1\] \(<PIL image RGB 0x7>\): ValueError: image has no pixels"),
-    (b"just some text", r"images\[1\] \(b'just some text'\): UnidentifiedImageError"),
-    (Image.new("RGB", (28 * 201, 28)), r"images\[1\] .*aspect ratio 201.0 is over 200"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b"\x89PNG\r\n\x1a\n not really a png", r"images\[1\] \(b'\\x89PNG.*UnidentifiedImageError"),
+        (png_bytes(photo())[:300], r"images\[1\] \(b'\\x89PNG.*(truncated|broken|OSError)"),
+        (Image.new("RGB", (0, 7)), r"images\[1\] \(<PIL image RGB 0x7>\): ValueError: image has no pixels"),
+        (b"just some text", r"images\[1\] \(b'just some text'\): UnidentifiedImageError"),
+        (Image.new("RGB", (28 * 201, 28)), r"images\[1\] .*aspect ratio 201.0 is over 200"),
+    ],
+)
 def test_bad_images_are_named(model, bad, message):
     with pytest.raises(InputError, match=message):
         model.encode_image([photo(), bad], task="code")
@@ -108,7 +115,7 @@ def test_failing_url(model):
 def test_image_modes_the_reference_accepts(model, tmp_path):
     """16-bit, CMYK, palette with transparency, animated (first frame): as PIL's plain convert("RGB")."""
     base = photo(60, 80)
-    gray16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    gray16 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
     palette = base.convert("P", palette=Image.Palette.ADAPTIVE)
     palette.info["transparency"] = 0
     frames = [photo(60, 80, seed=s) for s in (1, 2, 3)]
@@ -116,8 +123,12 @@ def test_image_modes_the_reference_accepts(model, tmp_path):
     with Image.open(tmp_path / "anim.gif") as gif:
         assert gif.n_frames == 3
         first = gif.convert("RGB")
-    cases = [(gray16, gray16.convert("RGB")), (base.convert("CMYK"), base.convert("CMYK").convert("RGB")),
-             (palette, palette.convert("RGB")), (tmp_path / "anim.gif", first)]
+    cases = [
+        (gray16, gray16.convert("RGB")),
+        (base.convert("CMYK"), base.convert("CMYK").convert("RGB")),
+        (palette, palette.convert("RGB")),
+        (tmp_path / "anim.gif", first),
+    ]
     got = model.encode_image([x for x, _ in cases], task="code")
     expected = model.encode_image([y for _, y in cases], task="code")
     assert torch.equal(got, expected)
@@ -153,8 +164,11 @@ def test_adapter_targets_do_not_match(checkpoints, tmp_path):
     cfg = json.loads((path / "adapters" / "adapter_config.json").read_text())
     cfg["target_modules"] = r".*(model).*(q_proj|k_proj|v_proj|o_proj)$|.*multi_vector_projector$"  # no MLP
     (path / "adapters" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"unexpected: adapters/adapter_model\.safetensors: tensor "
-                                              r"'base_model\.model\.model\.language_model\.layers\.0\.mlp\."):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected: adapters/adapter_model\.safetensors: tensor "
+        r"'base_model\.model\.model\.language_model\.layers\.0\.mlp\.",
+    ):
         JinaV4.from_pretrained(path, device="cpu")
 
 
@@ -165,12 +179,16 @@ def test_plain_qwen_checkpoint(checkpoints, tmp_path):
         cfg.pop(key)
     cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config\.json: a Qwen2_5_VLForConditionalGeneration checkpoint, not "
-                                          r"jina-embeddings-v4 \(key 'task_names' is missing\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.json: a Qwen2_5_VLForConditionalGeneration checkpoint, not "
+        r"jina-embeddings-v4 \(key 'task_names' is missing\)",
+    ):
         JinaV4.from_pretrained(path, device="cpu")
     shutil.rmtree(path / "adapters")
-    (path / "config.json").write_text(json.dumps({**cfg, **json.loads((checkpoints["gqa2-sharded"] / "config.json")
-                                                                       .read_text())}))
+    (path / "config.json").write_text(
+        json.dumps({**cfg, **json.loads((checkpoints["gqa2-sharded"] / "config.json").read_text())})
+    )
     with pytest.raises(ConfigError, match=r"adapters/adapter_config\.json: file not found"):
         JinaV4.from_pretrained(path, device="cpu")
 
@@ -189,8 +207,10 @@ def test_cuda_without_a_gpu(checkpoints):
 def test_half_precision_on_cpu(checkpoints, model, dtype):
     half = JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu", dtype=dtype)
     texts, image = ["a text to embed", "and another one"], photo(100, 150)
-    for got, ref in [(half.encode_text(texts, task="code"), model.encode_text(texts, task="code")),
-                     (half.encode_image([image], task="code"), model.encode_image([image], task="code"))]:
+    for got, ref in [
+        (half.encode_text(texts, task="code"), model.encode_text(texts, task="code")),
+        (half.encode_image([image], task="code"), model.encode_image([image], task="code")),
+    ]:
         assert got.dtype == torch.float32
         assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.99
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 import zlib
@@ -26,14 +27,19 @@ from openai import AuthenticationError, BadRequestError, OpenAI
 from PIL import Image
 
 from jina_v4 import encode_chunks
-from jina_v4.processing import Item
-from jina_v4.serve import create_app
-from jina_v4.serve_formats import Limits
+from jina_v4.apps.http_formats import Limits
+from jina_v4.apps.serve import create_app
+from jina_v4.model.processing import Item
 
 CKPT = "gqa4-single"
 LIMITS = dict(max_items=64, max_tokens=30000, max_body_bytes=2_000_000, max_image_pixels=1_000_000)
-SUNSET = ["غروب جميل على الشاطئ", "海滩上美丽的日落", "A beautiful sunset over the beach",
-          "Un beau coucher de soleil sur la plage", "Ein wunderschöner Sonnenuntergang am Strand"]
+SUNSET = [
+    "غروب جميل على الشاطئ",
+    "海滩上美丽的日落",
+    "A beautiful sunset over the beach",
+    "Un beau coucher de soleil sur la plage",
+    "Ein wunderschöner Sonnenuntergang am Strand",
+]
 
 
 class Server:
@@ -144,19 +150,32 @@ def web(tmp_path_factory):
     httpd.shutdown()
 
 
-@pytest.mark.parametrize("jina_task,task,prompt", [
-    ("retrieval.query", "retrieval", "query"), ("retrieval.passage", "retrieval", "passage"),
-    ("text-matching", "text-matching", "query"), ("code.query", "code", "query"), ("code.passage", "code", "passage")])
+@pytest.mark.parametrize(
+    "jina_task,task,prompt",
+    [
+        ("retrieval.query", "retrieval", "query"),
+        ("retrieval.passage", "retrieval", "passage"),
+        ("text-matching", "text-matching", "query"),
+        ("code.query", "code", "query"),
+        ("code.passage", "code", "passage"),
+    ],
+)
 def test_jina_tasks_match_the_offline_api(server, model, batch_tol, jina_task, task, prompt):
     texts = ["first text", "zweiter Text", "def f(x): return x"]
-    body = {"model": "jina-embeddings-v4", "task": jina_task, "dimensions": 16,
-            "input": [texts[0]] + [{"text": t} for t in texts[1:]]}  # strings and objects
+    body = {
+        "model": "jina-embeddings-v4",
+        "task": jina_task,
+        "dimensions": 16,
+        "input": [texts[0]] + [{"text": t} for t in texts[1:]],
+    }  # strings and objects
     out = embed(server, body)
     assert out["object"] == "list" and out["model"] == "jina-embeddings-v4"
     assert [d["index"] for d in out["data"]] == [0, 1, 2] and {d["object"] for d in out["data"]} == {"embedding"}
-    items = model.processor.prepare(texts, task, prompt)
-    assert out["usage"] == {"total_tokens": sum(len(it.input_ids) for it in items),
-                            "prompt_tokens": sum(len(it.input_ids) for it in items)}
+    items = model.prepare(texts, task, prompt)
+    assert out["usage"] == {
+        "total_tokens": sum(len(it.input_ids) for it in items),
+        "prompt_tokens": sum(len(it.input_ids) for it in items),
+    }
     expected = model.encode(texts, task=task, prompt_name=prompt, truncate_dim=16)
     assert torch.allclose(torch.stack(floats(out)), expected, atol=batch_tol(CKPT), rtol=0)
 
@@ -179,16 +198,23 @@ def test_multivectors_of_texts_and_images(server, model, batch_tol):
     image = png(60, 90, 5)
     inputs = ["a passage", {"image": b64(image)}, {"image": "data:image/png;base64," + b64(image)}]
     out = embed(server, {"task": "retrieval.passage", "return_multivector": True, "input": inputs})
-    expected = model.encode(["a passage", {"image": image}, {"image": image}], task="retrieval", prompt_name="passage",
-                            return_multivector=True)
+    expected = model.encode(
+        ["a passage", {"image": image}, {"image": image}],
+        task="retrieval",
+        prompt_name="passage",
+        return_multivector=True,
+    )
     for got, e in zip(floats(out, "embeddings"), expected):
         assert got.shape == e.shape and torch.allclose(got, e, atol=batch_tol(CKPT), rtol=0)
 
 
 def test_the_announcement_request_gets_7_embeddings(server, model, batch_tol, web):
     base, d = web
-    body = {"model": "jina-embeddings-v4", "task": "text-matching",
-            "input": [{"text": t} for t in SUNSET] + [{"image": f"{base}/beach1.png"}, {"image": f"{base}/beach2.png"}]}
+    body = {
+        "model": "jina-embeddings-v4",
+        "task": "text-matching",
+        "input": [{"text": t} for t in SUNSET] + [{"image": f"{base}/beach1.png"}, {"image": f"{base}/beach2.png"}],
+    }
     out = embed(server, body)
     assert len(out["data"]) == 7 and [x["index"] for x in out["data"]] == list(range(7))
     images = [Image.open(d / "beach1.png"), Image.open(d / "beach2.png")]
@@ -227,10 +253,13 @@ def test_openai_client_and_key(strict, model):
     r = client.embeddings.create(model="jina-embeddings-v4", input=texts)  # the client asks for base64
     expected = model.encode(texts, task="text-matching", deterministic=True)
     assert torch.equal(torch.tensor([d.embedding for d in r.data], dtype=torch.float32), expected)
-    r = client.embeddings.create(model="jina-embeddings-v4", input="one", dimensions=16, encoding_format="float",
-                                 user="someone")  # `user` is accepted and ignored
-    assert torch.equal(torch.tensor(r.data[0].embedding), model.encode(["one"], task="text-matching", truncate_dim=16,
-                                                                       deterministic=True)[0])
+    r = client.embeddings.create(
+        model="jina-embeddings-v4", input="one", dimensions=16, encoding_format="float", user="someone"
+    )  # `user` is accepted and ignored
+    assert torch.equal(
+        torch.tensor(r.data[0].embedding),
+        model.encode(["one"], task="text-matching", truncate_dim=16, deterministic=True)[0],
+    )
     ids = [[5, 17, 300, 2], [9, 9]]  # token ids: embedded as given, no prompt prefix
     r = client.embeddings.create(model="jina-embeddings-v4", input=ids)
     expected = model.encode_items([Item(i, "text-matching") for i in ids], deterministic=True)
@@ -299,8 +328,11 @@ def test_refusals(server, model, body, raw, status, words, index):
 
 def test_image_urls(server, strict, web, model):
     base, _ = web
-    for url, words in [(f"{base}/big.png", "size cap"), (f"{base}/missing.png", "HTTPError"),
-                       (f"{base}/redirect", "non-http(s)")]:
+    for url, words in [
+        (f"{base}/big.png", "size cap"),
+        (f"{base}/missing.png", "HTTPError"),
+        (f"{base}/redirect", "non-http(s)"),
+    ]:
         status, out = call(server.url + "/v1/embeddings", {"input": ["a", {"image": url}]})
         assert status == 400 and words in out["error"]["message"] and out["error"]["index"] == 1, out
     status, out = call(strict.url + "/v1/embeddings", {"input": [{"image": f"{base}/beach1.png"}]}, key="secret")
@@ -331,13 +363,20 @@ def requests_mix():
 
 
 def offline(model, body, deterministic=False):
-    from jina_v4.serve_formats import TASKS
+    from jina_v4.apps.http_formats import http_tasks
 
-    task, prompt = TASKS[body.get("task", "text-matching")]
-    inputs = [{"image": base64.b64decode(x["image"])} if isinstance(x, dict) and "image" in x else x
-              for x in body["input"]]
-    return model.encode(inputs, task=task, prompt_name=prompt, truncate_dim=body.get("dimensions"),
-                        return_multivector=body.get("return_multivector", False), deterministic=deterministic)
+    task, prompt = http_tasks(model.tasks)[body.get("task", "text-matching")]
+    inputs = [
+        {"image": base64.b64decode(x["image"])} if isinstance(x, dict) and "image" in x else x for x in body["input"]
+    ]
+    return model.encode(
+        inputs,
+        task=task,
+        prompt_name=prompt,
+        truncate_dim=body.get("dimensions"),
+        return_multivector=body.get("return_multivector", False),
+        deterministic=deterministic,
+    )
 
 
 def concurrently(server, bodies, key=None):
@@ -353,8 +392,11 @@ def concurrently(server, bodies, key=None):
         return worker.encode(group)
 
     worker.encode = held
-    first = threading.Thread(target=lambda: results.__setitem__(-1, call(server.url + "/v1/embeddings",
-                                                                        {"input": ["the first request"] * 12}, key=key)))
+    first = threading.Thread(
+        target=lambda: results.__setitem__(
+            -1, call(server.url + "/v1/embeddings", {"input": ["the first request"] * 12}, key=key)
+        )
+    )
     first.start()
     assert entered.wait(120)
 
@@ -408,35 +450,50 @@ def test_deterministic_answers_are_bit_exact(strict, model):
 
 
 class StubModel:
-    """encode_items that waits for `go`, records the first id of every item it gets, fails on a "bad" item."""
+    """What the worker reads of a model: its token budget and Matryoshka dims."""
 
     max_batch_tokens = 100
+    config = types.SimpleNamespace(matryoshka_dims=(8,))
+
+
+class StubEncode:
+    """pipeline.encode's stand-in: waits for `go`, records the first id of every item it gets, fails on a "bad"
+    item, and gives each item the vector [first id]."""
 
     def __init__(self):
         self.go, self.calls = threading.Event(), []
 
-    def encode_items(self, items, return_multivector=False, truncate_dim=None, deterministic=False):
+    def __call__(self, model, items, head, batch_size=None, deterministic=False, errors="raise"):
         assert self.go.wait(30)
         self.calls.append([it.input_ids[0] for it in items])
         if any(it.task == "bad" for it in items):
             raise ValueError("a bad item")
-        return torch.tensor([[float(it.input_ids[0])] for it in items])
+        return [torch.tensor([float(it.input_ids[0])]) for it in items]
 
 
-def test_worker_packs_by_settings_budget_and_count():
-    from jina_v4.serve import Job, Worker
-    from jina_v4.serve_formats import RequestError
+def test_worker_packs_by_settings_budget_and_count(monkeypatch):
+    import jina_v4.apps.serve
+    from jina_v4.apps.http_formats import RequestError
+    from jina_v4.apps.serve import Job, Worker
 
     def job(first, n, key=(False, None), task="t"):
         return Job([Item([first + i], task) for i in range(n)], key, 10 * n)
 
-    model = StubModel()
-    worker = Worker(model, max_requests=3, max_queued=7)
+    model = StubEncode()
+    monkeypatch.setattr(jina_v4.apps.serve, "encode", model)
+    worker = Worker(StubModel(), max_requests=3, max_queued=7)
     first = worker.submit(job(0, 1))
     while worker.pending:  # the worker holds the first job, waiting for `go`
         time.sleep(0.001)
-    jobs = [job(100, 2), job(200, 1, key=(True, None)), job(300, 3), job(400, 1, task="bad"), job(500, 5),
-            job(600, 1), job(700, 5)]
+    jobs = [
+        job(100, 2),
+        job(200, 1, key=(True, None)),
+        job(300, 3),
+        job(400, 1, task="bad"),
+        job(500, 5),
+        job(600, 1),
+        job(700, 5),
+    ]
     futures = [worker.submit(j) for j in jobs]
     with pytest.raises(RequestError) as full:
         worker.submit(job(800, 1))
@@ -444,7 +501,11 @@ def test_worker_packs_by_settings_budget_and_count():
     model.go.set()
     assert [v.tolist() for v in first.result(30)] == [[0.0]]
     assert [[v.item() for v in f.result(30)] for f in (futures[0], futures[2], futures[4], futures[5])] == [
-        [100, 101], [300, 301, 302], [500, 501, 502, 503, 504], [600]]
+        [100, 101],
+        [300, 301, 302],
+        [500, 501, 502, 503, 504],
+        [600],
+    ]
     assert [v.item() for v in futures[6].result(30)] == [700, 701, 702, 703, 704]
     with pytest.raises(ValueError, match="a bad item"):
         futures[3].result(30)
@@ -452,8 +513,16 @@ def test_worker_packs_by_settings_budget_and_count():
     worker.close()
     # the same settings pack up to 3 requests; the bad one's batch is rerun one request at a time; other settings
     # wait for their own call; the 100-token budget keeps the last one out of the 500 + 600 call
-    assert model.calls == [[0], [100, 101, 300, 301, 302, 400], [100, 101], [300, 301, 302], [400], [200],
-                           [500, 501, 502, 503, 504, 600], [700, 701, 702, 703, 704]]
+    assert model.calls == [
+        [0],
+        [100, 101, 300, 301, 302, 400],
+        [100, 101],
+        [300, 301, 302],
+        [400],
+        [200],
+        [500, 501, 502, 503, 504, 600],
+        [700, 701, 702, 703, 704],
+    ]
 
 
 def test_404_and_405_are_json(server):
@@ -464,14 +533,24 @@ def test_404_and_405_are_json(server):
 
 def test_serve_without_the_extra(checkpoints):
     """Without starlette, `serve` says what to install in one line, and `embed` still works."""
-    code = ("import sys; sys.modules['starlette'] = None; from jina_v4.cli import main; "
-            "sys.exit(main({}))")
+    code = "import sys; sys.modules['starlette'] = None; from jina_v4.apps.cli import main; sys.exit(main({}))"
     ckpt = str(checkpoints[CKPT])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code.format(["serve", "--model", ckpt])], capture_output=True,
-                         text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code.format(["serve", "--model", ckpt])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        "jina-v4: error: jina-v4 serve needs starlette and uvicorn: pip install 'jina_v4[serve]'"]
-    out = subprocess.run([sys.executable, "-c", code.format(["embed", "a text", "--model", ckpt, "--quiet"])],
-                         capture_output=True, text=True, env=env, timeout=120)
+        "jina-v4: error: jina-v4 serve needs starlette and uvicorn: pip install 'jina_v4[serve]'"
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", code.format(["embed", "a text", "--model", ckpt, "--quiet"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0 and len(json.loads(out.stdout.splitlines()[0])["embedding"]) == 64, out.stderr

@@ -27,8 +27,12 @@ def start(ckpt, log, *args):
     """The console script serving `ckpt` on a free port; -> (process, base URL)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as err:
-        proc = subprocess.Popen([SCRIPT, "serve", "--model", str(ckpt), "--port", "0", "--log-level", "warning",
-                                 *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = subprocess.Popen(
+            [SCRIPT, "serve", "--model", str(ckpt), "--port", "0", "--log-level", "warning", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         found = re.search(r"on (http://127\.0\.0\.1:\d+) ", open(log).read())
@@ -86,8 +90,9 @@ def run_load(url, expected, requests, clients, per_client, rss=None, tol=0.0):
                     status, out = call(url + "/v1/embeddings", VALID[r], timeout=120)
                     got = decode(VALID[r], out) if status == 200 else []
                     ok = status == 200 and [d["index"] for d in out["data"]] == list(range(len(expected[r])))
-                    ok = ok and all(g.shape == e.shape and torch.allclose(g, e, atol=tol, rtol=0)
-                                    for g, e in zip(got, expected[r]))
+                    ok = ok and all(
+                        g.shape == e.shape and torch.allclose(g, e, atol=tol, rtol=0) for g, e in zip(got, expected[r])
+                    )
                 else:
                     raw, want = INVALID[-1 - r]
                     status, out = call(url + "/v1/embeddings", raw=raw, timeout=120)
@@ -136,8 +141,10 @@ def test_load_and_throughput(checkpoints, expected, batch_tol, tmp_path):
         assert not failures, failures[:10]
         assert proc.poll() is None and call(url + "/health")[1]["status"] == "ok"
         growth = rss[2] - rss[1]
-        print(f"\nRSS after warm-up {rss[0]:.0f} MB, halfway {rss[1]:.0f} MB, end {rss[2]:.0f} MB; "
-              f"{CLIENTS * PER_CLIENT} mixed requests in {seconds:.1f} s")
+        print(
+            f"\nRSS after warm-up {rss[0]:.0f} MB, halfway {rss[1]:.0f} MB, end {rss[2]:.0f} MB; "
+            f"{CLIENTS * PER_CLIENT} mixed requests in {seconds:.1f} s"
+        )
         assert growth < 40, f"RSS grew by {growth:.0f} MB in the second half"
         texts = [i for i, b in enumerate(VALID) if "image" not in json.dumps(b)]
         before = call(url + "/health")[1]
@@ -157,15 +164,18 @@ def test_load_and_throughput(checkpoints, expected, batch_tol, tmp_path):
         proc.terminate()
         assert proc.wait(60) == 0
     n = CLIENTS * SPEED_RUNS
-    print(f"{n} text requests, {CLIENTS} clients: dynamic batching {n / batched:.0f} requests/s ({batched:.1f} s, "
-          f"{n / calls:.1f} requests per model call), one request at a time {n / single:.0f} requests/s "
-          f"({single:.1f} s)")
+    print(
+        f"{n} text requests, {CLIENTS} clients: dynamic batching {n / batched:.0f} requests/s ({batched:.1f} s, "
+        f"{n / calls:.1f} requests per model call), one request at a time {n / single:.0f} requests/s "
+        f"({single:.1f} s)"
+    )
 
 
 def test_sigterm_answers_the_requests_in_flight(checkpoints, models, batch_tol, tmp_path):
     proc, url = start(checkpoints[CKPT], tmp_path / "c.log", "--max-batch-requests", 1)
-    bodies = [{"task": "retrieval.passage", "input": [f"document {i}: " + "a long passage " * 60] * 6}
-              for i in range(4)]
+    bodies = [
+        {"task": "retrieval.passage", "input": [f"document {i}: " + "a long passage " * 60] * 6} for i in range(4)
+    ]
     results = [None] * len(bodies)
 
     def send(i):

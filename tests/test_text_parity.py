@@ -4,9 +4,11 @@ checkpoint's emulated fp32 error (tolerances.py; the `rounding` fixture); SAME x
 import pytest
 import torch
 
+from jina_v4.model.processing import Item, token_batches
+
 from conftest import padded_hidden_states
-from jina_v4.processing import Item, token_batches
 from tolerances import FP32, SAME
+
 TEXTS = [
     "hello",
     "Overview of climate change impacts on coastal cities",
@@ -69,10 +71,11 @@ def test_truncation(models, references, rounding, max_length):
     assert (run(model) - theirs).abs().max() <= FP32 * rounding("gqa4-single", "text", run=run)
     rows = model.encode_text(TEXTS, task="retrieval", max_length=max_length, return_multivector=True)
     kept = [ref.text_batch([t], "retrieval", max_length=max_length)["input_ids"][0].tolist() for t in TEXTS]
-    assert [len(k) for k in kept] == [min(max_length, len(ref.text_batch([t], "retrieval")["input_ids"][0]))
-                                     for t in TEXTS]
+    assert [len(k) for k in kept] == [
+        min(max_length, len(ref.text_batch([t], "retrieval")["input_ids"][0])) for t in TEXTS
+    ]
     # the kept ids exactly (an off-by-one cut shows here, not only as an empty sequence at max_length=1)
-    assert [it.input_ids for it in model.processor.prepare(TEXTS, "retrieval", max_length=max_length)] == kept
+    assert [it.input_ids for it in model.prepare(TEXTS, "retrieval", max_length=max_length)] == kept
     assert [r.shape[0] for r in rows] == [len(k) for k in kept]
 
 
@@ -93,8 +96,9 @@ def test_mixed_task_batch_equals_per_task(name, models, rounding):
     tasks = [TASKS[i % 3] for i in range(len(TEXTS))]
     for multivector in (False, True):
         mixed = model.encode_text(TEXTS, task=tasks, return_multivector=multivector, batch_size=len(TEXTS))
-        same_batch = {t: model.encode_text(TEXTS, task=t, return_multivector=multivector, batch_size=len(TEXTS))
-                      for t in TASKS}
+        same_batch = {
+            t: model.encode_text(TEXTS, task=t, return_multivector=multivector, batch_size=len(TEXTS)) for t in TASKS
+        }
         for i, (t, task) in enumerate(zip(TEXTS, tasks)):
             # the same batch under one task: other tasks' rows add exactly 0 (lora.py), the same products
             assert torch.equal(mixed[i], same_batch[task][i])
@@ -181,7 +185,8 @@ def test_token_budget_batches(models, rounding):
     finally:
         model.max_batch_tokens = 16384
     assert (budget - model.encode_text(TEXTS, task="code", batch_size=1)).abs().max() <= SAME * rounding(
-        "gqa4-single", "text")
+        "gqa4-single", "text"
+    )
     with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
         model.encode_text(TEXTS, task="code", batch_size=0)
 
@@ -194,6 +199,7 @@ def test_rmsnorm_epsilon_matters_end_to_end(checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from jina_v4 import JinaV4
+
     from reference import Reference
     from tolerances import float64_copy, fp32_error
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from jina_v4 import JinaV4
+from jina_v4.apps.training import backward, trainable
+
 import train_adapter
 from distributed_check import TASK, distributed_groups, image, loss_of
-from jina_v4 import JinaV4
-from jina_v4.training import backward, trainable
 from tolerances import FP32, float64_copy, fp32_error, max_diff
 
 WORKER = Path(__file__).parent / "distributed_check.py"
@@ -31,12 +32,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_pairs(directory: Path, text_rows: int = 8, image_rows: int = 4) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"query": f"query {i} " + "word " * i, "positive": f"passage {i} " + "text " * (2 * i),
-             "negatives": [f"negative {i}"] * (i % 3)} for i in range(text_rows)]
+    rows = [
+        {
+            "query": f"query {i} " + "word " * i,
+            "positive": f"passage {i} " + "text " * (2 * i),
+            "negatives": [f"negative {i}"] * (i % 3),
+        }
+        for i in range(text_rows)
+    ]
     for i in range(image_rows):
         image(56 + 10 * i, 80, i).save(directory / f"page{i}.png")
-        rows.append({"query": f"which page {i}", "positive": f"page{i}.png",
-                     "negatives": [{"image": f"page{(i + 1) % image_rows}.png"}] if i % 2 else []})
+        rows.append(
+            {
+                "query": f"which page {i}",
+                "positive": f"page{i}.png",
+                "negatives": [{"image": f"page{(i + 1) % image_rows}.png"}] if i % 2 else [],
+            }
+        )
     path = directory / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -55,27 +67,55 @@ def trained(checkpoints, tmp_path_factory):
     """mha-bf16 (bf16 files) + a new task 'legal' copied from retrieval, 3 steps on texts and images."""
     root = tmp_path_factory.mktemp("trained")
     data = write_pairs(root / "data")
-    run("--model", checkpoints["mha-bf16"], "--data", data, "--task", "legal", "--init-from", "retrieval",
-        "--steps", 3, "--batch-size", 4, "--lr", 1e-2, "--out", root / "out", "--matryoshka-dims", 8, 16)
+    run(
+        "--model",
+        checkpoints["mha-bf16"],
+        "--data",
+        data,
+        "--task",
+        "legal",
+        "--init-from",
+        "retrieval",
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--lr",
+        1e-2,
+        "--out",
+        root / "out",
+        "--matryoshka-dims",
+        8,
+        16,
+    )
     return checkpoints["mha-bf16"], root / "out"
 
 
 def test_saved_checkpoint_is_the_released_layout(trained):
     source, out = trained
     config, before = (json.loads((d / "config.json").read_text()) for d in (out, source))
-    assert config.pop("task_names") == before.pop("task_names") + ["legal"] and config == before
+    assert config.pop("task_names") == before.pop("task_names") + ["legal"]
+    rules = {t: {"query": "Query: ", "passage": "Passage: "} for t in ("retrieval", "code", "legal")}
+    assert config.pop("task_prompts") == {**rules, "text-matching": {"query": "Query: ", "passage": "Query: "}}
+    assert config == before  # the prompt rules saved with the tasks, nothing else changed
     assert (out / "adapters/adapter_config.json").read_bytes() == (source / "adapters/adapter_config.json").read_bytes()
     for f in source.iterdir():
         if f.is_file() and f.name != "config.json":
             assert os.path.samefile(f, out / f.name)  # linked, never rewritten
-    with safe_open(out / "adapters/adapter_model.safetensors", "pt") as new, \
-            safe_open(source / "adapters/adapter_model.safetensors", "pt") as old:
-        assert set(new.keys()) - set(old.keys()) == {k.replace(".retrieval.", ".legal.") for k in old.keys()
-                                                     if ".retrieval." in k}
+    with (
+        safe_open(out / "adapters/adapter_model.safetensors", "pt") as new,
+        safe_open(source / "adapters/adapter_model.safetensors", "pt") as old,
+    ):
+        assert set(new.keys()) - set(old.keys()) == {
+            k.replace(".retrieval.", ".legal.") for k in old.keys() if ".retrieval." in k
+        }
         for k in old.keys():
             assert torch.equal(new.get_tensor(k), old.get_tensor(k))  # old tasks: the same tensors
-        moved = [not torch.equal(new.get_tensor(k.replace(".retrieval.", ".legal.")).to(torch.bfloat16),
-                                 old.get_tensor(k)) for k in old.keys() if ".retrieval." in k]
+        moved = [
+            not torch.equal(new.get_tensor(k.replace(".retrieval.", ".legal.")).to(torch.bfloat16), old.get_tensor(k))
+            for k in old.keys()
+            if ".retrieval." in k
+        ]
         assert all(moved)  # every tensor of the new task trained
 
 
@@ -94,12 +134,18 @@ def test_reference_loads_the_new_task(trained):
         for pn in ("query", "passage"):
             out += [m.encode_text(TEXTS, task="legal", prompt_name=pn)]
             out += m.encode_text(TEXTS, task="legal", prompt_name=pn, return_multivector=True)
-        return out + [m.encode_image(img, task="legal"), m.encode_image([img], task="legal", return_multivector=True)[0]]
+        return out + [
+            m.encode_image(img, task="legal"),
+            m.encode_image([img], task="legal", return_multivector=True)[0],
+        ]
 
     expected = []
     for pn in ("query", "passage"):
         expected += [ref.encode_text(TEXTS, "legal", pn)] + ref.encode_text(TEXTS, "legal", pn, multivector=True)
-    expected += [reference_image(ref, model, img, "legal")[0], reference_image(ref, model, img, "legal", multivector=True)[0]]
+    expected += [
+        reference_image(ref, model, img, "legal")[0],
+        reference_image(ref, model, img, "legal", multivector=True)[0],
+    ]
     diffs = [max_diff(a, b) for a, b in zip(run(model), expected)]
     print(f"saved task 'legal', jina_v4 vs peft: max abs difference {max(diffs):.1e}")
     assert max(diffs) <= FP32 * fp32_error(float64_copy(model), run)  # tolerances.py
@@ -108,18 +154,39 @@ def test_reference_loads_the_new_task(trained):
 
 
 def test_scored_pairs_cosent(checkpoints, tmp_path):
-    rows = [{"text1": f"sentence {i}", "text2": f"sentence {i} " + "more " * (i % 4), "score": (i % 4) / 3}
-            for i in range(8)]
+    rows = [
+        {"text1": f"sentence {i}", "text2": f"sentence {i} " + "more " * (i % 4), "score": (i % 4) / 3}
+        for i in range(8)
+    ]
     data = tmp_path / "scored.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    loss = run("--model", checkpoints["gqa2-sharded"], "--data", data, "--task", "text-matching", "--steps", 2,
-               "--batch-size", 8, "--minibatch", 3, "--matryoshka-dims", 8, 64, "--out", tmp_path / "out")
+    loss = run(
+        "--model",
+        checkpoints["gqa2-sharded"],
+        "--data",
+        data,
+        "--task",
+        "text-matching",
+        "--steps",
+        2,
+        "--batch-size",
+        8,
+        "--minibatch",
+        3,
+        "--matryoshka-dims",
+        8,
+        64,
+        "--out",
+        tmp_path / "out",
+    )
     assert 0 < loss < float("inf") and len(state(tmp_path / "out")["history"]) == 2
     # an existing task retrained: its saved tensors are the trained ones, every other task the source's
     source, out = checkpoints["gqa2-sharded"], tmp_path / "out"
     trained = state(out)["params"]
-    with safe_open(out / "adapters/adapter_model.safetensors", "pt") as new, \
-            safe_open(source / "adapters/adapter_model.safetensors", "pt") as old:
+    with (
+        safe_open(out / "adapters/adapter_model.safetensors", "pt") as new,
+        safe_open(source / "adapters/adapter_model.safetensors", "pt") as old,
+    ):
         assert set(new.keys()) == set(old.keys())
         for k in old.keys():  # CoSENT trains single vectors: the decoder's text-matching tensors, not the projector's
             moved = ".text-matching." in k and "multi_vector_projector" not in k
@@ -131,22 +198,29 @@ def test_scored_pairs_cosent(checkpoints, tmp_path):
             assert torch.equal(p, trained[n]), n  # the saved task is exactly the trained parameters
     before = JinaV4.from_pretrained(source, device="cpu", dtype="float32")
     texts = ["sentence 1", "another sentence entirely"]
-    assert not torch.equal(after.encode_text(texts, task="text-matching"), before.encode_text(texts, task="text-matching"))
+    assert not torch.equal(
+        after.encode_text(texts, task="text-matching"), before.encode_text(texts, task="text-matching")
+    )
     for task in ("retrieval", "code"):
         assert torch.equal(after.encode_text(texts, task=task), before.encode_text(texts, task=task))
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([], r"bad.jsonl: no rows \(the file is empty\)"),
-    (['{"query": "q", "positive": "p"}', '{"query": "q2"}'], ":2: missing field 'positive'"),
-    (['{"query": "q", "positive": "p"}', "", '{"query": "q", "positive": "missing.png"}'],
-     ":3: cannot read image .*missing.png"),
-    (['{"query": "q", "positive": "broken.jpg"}'], ":1: cannot read image .*broken.jpg .*UnidentifiedImageError"),
-    (['{"query": "q", "positive": "p"}', "{not json"], ":2: not JSON"),
-    (['{"query": "q", "positive": "p"}', '{"text1": "a", "text2": "b", "score": 1}'], ":2: a scored row in a file"),
-    (['{"text1": "a", "text2": "b", "score": "high"}'], ":1: 'score' must be a number"),
-    (['{"query": "q", "positive": "p", "negatives": [3]}'], r":1: negatives\[0\]: expected a text"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], r"bad.jsonl: no rows \(the file is empty\)"),
+        (['{"query": "q", "positive": "p"}', '{"query": "q2"}'], ":2: missing field 'positive'"),
+        (
+            ['{"query": "q", "positive": "p"}', "", '{"query": "q", "positive": "missing.png"}'],
+            ":3: cannot read image .*missing.png",
+        ),
+        (['{"query": "q", "positive": "broken.jpg"}'], ":1: cannot read image .*broken.jpg .*UnidentifiedImageError"),
+        (['{"query": "q", "positive": "p"}', "{not json"], ":2: not JSON"),
+        (['{"query": "q", "positive": "p"}', '{"text1": "a", "text2": "b", "score": 1}'], ":2: a scored row in a file"),
+        (['{"text1": "a", "text2": "b", "score": "high"}'], ":1: 'score' must be a number"),
+        (['{"query": "q", "positive": "p", "negatives": [3]}'], r":1: negatives\[0\]: expected a text"),
+    ],
+)
 def test_bad_data_names_the_line(tmp_path, lines, message):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(line + "\n" for line in lines))
@@ -158,8 +232,26 @@ def test_bad_data_names_the_line(tmp_path, lines, message):
 def test_resume_after_interruption(checkpoints, tmp_path, monkeypatch):
     """Dropout on, GradCache on: a run killed in step 4 (saved at step 2) and rerun equals a straight run."""
     data = write_pairs(tmp_path / "data")
-    args = ["--model", checkpoints["gqa2-sharded"], "--data", data, "--task", "legal", "--init-from", "retrieval",
-            "--steps", 5, "--save-every", 2, "--batch-size", 3, "--minibatch", 2, "--lr", 1e-2]
+    args = [
+        "--model",
+        checkpoints["gqa2-sharded"],
+        "--data",
+        data,
+        "--task",
+        "legal",
+        "--init-from",
+        "retrieval",
+        "--steps",
+        5,
+        "--save-every",
+        2,
+        "--batch-size",
+        3,
+        "--minibatch",
+        2,
+        "--lr",
+        1e-2,
+    ]
     run(*args, "--out", tmp_path / "straight")
     calls = []
 
@@ -197,12 +289,45 @@ def worst_relative(ours: dict, theirs: dict) -> float:
 def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
     ckpt = checkpoints["gqa2-sharded"]
     data = write_pairs(tmp_path / "data")
-    args = ["--model", ckpt, "--data", data, "--task", "legal", "--init-from", "retrieval", "--steps", 2,
-            "--dropout", 0, "--lr", 1e-2, "--dtype", "float64", "--quiet"]
+    args = [
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--task",
+        "legal",
+        "--init-from",
+        "retrieval",
+        "--steps",
+        2,
+        "--dropout",
+        0,
+        "--lr",
+        1e-2,
+        "--dtype",
+        "float64",
+        "--quiet",
+    ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), str(ckpt), str(tmp_path),
-           *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(ckpt),
+        str(tmp_path),
+        *map(str, args),
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -210,8 +335,7 @@ def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
     # the float64 parity tests); any difference in what is computed shows orders of magnitude above it
     model = JinaV4.from_pretrained(ckpt, device="cpu", dtype="float64")
     params = trainable(model, TASK)
-    groups = [model.processor.prepare(a[0] + b[0], TASK, a[1])
-              for a, b in zip(distributed_groups(0), distributed_groups(1))]
+    groups = [model.prepare(a[0] + b[0], TASK, a[1]) for a, b in zip(distributed_groups(0), distributed_groups(1))]
     two = torch.load(tmp_path / "grads.pt")
     for minibatch in (None, 2):
         loss = backward(model, groups, lambda e: loss_of(*e), minibatch).item()
@@ -258,8 +382,26 @@ def test_it_learns(checkpoints, tmp_path):
     ckpt = checkpoints["gqa4-single"]
     base = top1(JinaV4.from_pretrained(ckpt), "retrieval", held_out)
     start = time.perf_counter()
-    run("--model", ckpt, "--data", data, "--task", "letters", "--init-from", "retrieval", "--steps", 250,
-        "--lr", 3e-3, "--batch-size", 32, "--save-every", 1000, "--out", tmp_path / "out")
+    run(
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--task",
+        "letters",
+        "--init-from",
+        "retrieval",
+        "--steps",
+        250,
+        "--lr",
+        3e-3,
+        "--batch-size",
+        32,
+        "--save-every",
+        1000,
+        "--out",
+        tmp_path / "out",
+    )
     seconds = time.perf_counter() - start
     trained = top1(JinaV4.from_pretrained(tmp_path / "out"), "letters", held_out)
     print(f"top-1 on {len(held_out)} held-out pairs: base {base:.2f}, trained {trained:.2f} in {seconds:.1f} s")

@@ -7,10 +7,24 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from jina_v4.images import image_patches, load_image
-from jina_v4.loading import adapter_key
-from jina_v4.training import (Embeddings, backward, cosent, cosent_loss, distill, embed, embed_items, info_nce,
-                              joint_loss, late_scores, matryoshka_loss, retrieval_loss, trainable)
+from jina_v4.apps.training import (
+    Embeddings,
+    backward,
+    cosent,
+    cosent_loss,
+    distill,
+    embed,
+    embed_items,
+    info_nce,
+    joint_loss,
+    late_scores,
+    matryoshka_loss,
+    retrieval_loss,
+    trainable,
+)
+from jina_v4.model.images import image_patches, load_image
+from jina_v4.model.loading import adapter_key
+
 from conftest import model_cache
 from oracle64 import float64_islands
 from test_images import IMAGE_CFG, picture
@@ -18,8 +32,12 @@ from tolerances import FP32, SAME, NarrowStorage, fp32_runs
 
 TASK = "code"
 QUERIES = ["hello", "Overview of climate change impacts on coastal cities", "def add(a, b): return a + b"]
-PASSAGES = ["The impacts of climate change on coastal cities are significant.", picture(100, 140, 1, noise=12), "x",
-            picture(60, 200, 2, noise=12)]
+PASSAGES = [
+    "The impacts of climate change on coastal cities are significant.",
+    picture(100, 140, 1, noise=12),
+    "x",
+    picture(60, 200, 2, noise=12),
+]
 NEGATIVES = ["気候変動が沿岸都市に与える影響", "A long passage. " * 12]
 
 
@@ -39,8 +57,7 @@ def loss_of(q, p, n):
 
 def our_gradients(model, task=TASK):
     params = trainable(model, task)
-    es = [embed(model, xs, task, pn) for xs, pn in ((QUERIES, "query"), (PASSAGES, "passage"),
-                                                     (NEGATIVES, "passage"))]
+    es = [embed(model, xs, task, pn) for xs, pn in ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))]
     loss = loss_of(*es)
     loss.backward()
     grads = {adapter_key(n): p.grad.clone() for n, p in params.items()}
@@ -119,8 +136,9 @@ def test_gradient_parity_float64(name, fresh, checkpoints):
     loss, ours = our_gradients(fresh(name, "float64"))
     with float64_islands():
         ref_loss, theirs = reference_gradients(Reference(checkpoints[name], dtype=torch.float64))
-    print(f"{name} float64: loss {abs(loss - ref_loss) / abs(ref_loss):.1e}, "
-          f"gradients {worst_relative(ours, theirs):.1e}")
+    print(
+        f"{name} float64: loss {abs(loss - ref_loss) / abs(ref_loss):.1e}, gradients {worst_relative(ours, theirs):.1e}"
+    )
     assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     assert worst_relative(ours, theirs) <= 1e-10
 
@@ -142,9 +160,9 @@ def test_embed_is_the_inference_forward(fresh, rounding):
     # the same arithmetic in another batch layout (training adds out of place): SAME x E (tolerances.py)
     assert (e.single - single).abs().max() <= SAME * rounding("gqa2-sharded", "text", "image")
     for row, m, ref in zip(e.multi, e.mask, multi):
-        assert int(m.sum()) == len(ref) and not m[len(ref):].any()
-        assert (row[:len(ref)] - ref).abs().max() <= SAME * rounding("gqa2-sharded", "text-multi", "image-multi")
-        assert not row[len(ref):].any()
+        assert int(m.sum()) == len(ref) and not m[len(ref) :].any()
+        assert (row[: len(ref)] - ref).abs().max() <= SAME * rounding("gqa2-sharded", "text-multi", "image-multi")
+        assert not row[len(ref) :].any()
     (e.single.sum() + e.multi.sum()).backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == set(params) and all(p.requires_grad == (n in params) for n, p in model.named_parameters())
@@ -155,7 +173,7 @@ def test_embed_is_the_inference_forward(fresh, rounding):
         together = embed(model, inputs, "retrieval", "passage", deterministic=True)
     expected = model.encode(inputs[:1], task="retrieval", prompt_name="passage", deterministic=True)
     assert torch.equal(alone.single, expected) and torch.equal(together.single[:1], expected)
-    assert torch.equal(together.multi[:1, :alone.multi.shape[1]], alone.multi)
+    assert torch.equal(together.multi[:1, : alone.multi.shape[1]], alone.multi)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         embed(model, ["a"], "retrieval")
 
@@ -190,8 +208,10 @@ def test_gradcache_equals_the_full_batch(fresh, grad_rounding, name, dtype):
     grad_tol, loss_tol = (SAME * grad_e, SAME * loss_e) if dtype == "float32" else (1e-12, 1e-12)
     model = fresh(name, dtype)
     params = trainable(model, "retrieval")
-    groups = [model.processor.prepare(xs, "retrieval", pn) for xs, pn in
-              ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))]
+    groups = [
+        model.prepare(xs, "retrieval", pn)
+        for xs, pn in ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))
+    ]
     loss, full = gradients(model, params, groups)
     for minibatch in (1, 2):
         cached_loss, cached = gradients(model, params, groups, minibatch)
@@ -204,14 +224,16 @@ def test_gradcache_replays_dropout(fresh, grad_rounding):
     equal those of the same mini-batches embedded once, with a graph, from the same RNG state."""
     model = fresh("gqa2-sharded")
     params = trainable(model, "retrieval")
-    groups = [model.processor.prepare(xs, "retrieval", pn) for xs, pn in
-              ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))]
+    groups = [
+        model.prepare(xs, "retrieval", pn)
+        for xs, pn in ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))
+    ]
     model.train()
     try:
         torch.manual_seed(3)
         loss, cached = gradients(model, params, groups, minibatch=2)
         torch.manual_seed(3)
-        es = [Embeddings.cat([embed_items(model, g[i:i + 2]) for i in range(0, len(g), 2)]) for g in groups]
+        es = [Embeddings.cat([embed_items(model, g[i : i + 2]) for i in range(0, len(g), 2)]) for g in groups]
         plain = loss_of(*es)
         plain.backward()
         expected = {n: p.grad.clone() for n, p in params.items()}
@@ -230,8 +252,10 @@ def test_gradcache_replays_dropout(fresh, grad_rounding):
 def test_checkpointing_same_gradients(fresh, grad_rounding):
     model = fresh("mha-bf16")
     params = trainable(model, "text-matching")
-    groups = [model.processor.prepare(xs, "text-matching", pn) for xs, pn in
-              ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))]
+    groups = [
+        model.prepare(xs, "text-matching", pn)
+        for xs, pn in ((QUERIES, "query"), (PASSAGES, "passage"), (NEGATIVES, "passage"))
+    ]
     _, plain = gradients(model, params, groups)
     model.model.checkpointing = True
     try:
@@ -248,8 +272,9 @@ def random_embeddings(n, lengths=None, D=12, P=5, seed=0) -> Embeddings:
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [int(x) for x in torch.randint(1, 7, (n,), generator=g)]
     single = torch.nn.functional.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1)
-    multi = [torch.nn.functional.normalize(torch.randn(L, P, generator=g, dtype=torch.float64), dim=-1)
-             for L in lengths]
+    multi = [
+        torch.nn.functional.normalize(torch.randn(L, P, generator=g, dtype=torch.float64), dim=-1) for L in lengths
+    ]
     padded = pad_sequence(multi, batch_first=True)
     return Embeddings(single, padded, torch.arange(padded.shape[1]) < torch.tensor(lengths)[:, None])
 
@@ -265,8 +290,10 @@ def late_loop(q: Embeddings, p: Embeddings) -> torch.Tensor:
 
 
 def nce_loop(S, tau):
-    return sum(-torch.log(torch.exp(S[i, i] / tau) / sum(torch.exp(S[i, j] / tau) for j in range(S.shape[1])))
-               for i in range(len(S))) / len(S)
+    return sum(
+        -torch.log(torch.exp(S[i, i] / tau) / sum(torch.exp(S[i, j] / tau) for j in range(S.shape[1])))
+        for i in range(len(S))
+    ) / len(S)
 
 
 def kl_loop(dense, late, tau):
@@ -280,12 +307,18 @@ def kl_loop(dense, late, tau):
 
 def batch_loop(q, p, n, tau, w, dims):
     docs = Embeddings.cat([p, n])
-    dense_at = [(q.single[:, :d] / q.single[:, :d].norm(dim=-1, keepdim=True)) @
-                (docs.single[:, :d] / docs.single[:, :d].norm(dim=-1, keepdim=True)).T for d in dims]
+    dense_at = [
+        (q.single[:, :d] / q.single[:, :d].norm(dim=-1, keepdim=True))
+        @ (docs.single[:, :d] / docs.single[:, :d].norm(dim=-1, keepdim=True)).T
+        for d in dims
+    ]
     dense = q.single @ docs.single.T
     late = late_loop(q, docs)
-    return (w[0] * sum(nce_loop(S, tau) for S in dense_at) / len(dims) + w[1] * nce_loop(late, tau)
-            + w[2] * kl_loop(dense, late, tau))
+    return (
+        w[0] * sum(nce_loop(S, tau) for S in dense_at) / len(dims)
+        + w[1] * nce_loop(late, tau)
+        + w[2] * kl_loop(dense, late, tau)
+    )
 
 
 def test_late_scores_loop():
@@ -312,8 +345,13 @@ def test_joint_and_matryoshka_loops():
     assert abs(joint_loss(text, None, 0.1, w, [12]) - batch_loop(*text, 0.1, w[:3], [12])) <= 1e-9
     a, b = text[0].single, text[1].single
     got = matryoshka_loss(lambda x, y: (x * y).sum(), a, b, [4, 8])
-    expected = sum((a[:, :d] / a[:, :d].norm(dim=-1, keepdim=True) * b[:, :d] / b[:, :d].norm(dim=-1, keepdim=True))
-                   .sum() for d in (4, 8)) / 2
+    expected = (
+        sum(
+            (a[:, :d] / a[:, :d].norm(dim=-1, keepdim=True) * b[:, :d] / b[:, :d].norm(dim=-1, keepdim=True)).sum()
+            for d in (4, 8)
+        )
+        / 2
+    )
     assert abs(got - expected) <= 1e-12
 
 
@@ -324,10 +362,21 @@ def test_cosent_loop():
     terms = [torch.exp((cos[l_] - cos[k]) / 0.05) for k in range(7) for l_ in range(7) if scores[k] > scores[l_]]
     assert abs(cosent(cos, scores, 0.05) - torch.log(1 + sum(terms))) <= 1e-9
     a, b = random_embeddings(7, seed=10), random_embeddings(7, seed=11)
-    expected = sum(cosent((a.single[:, :d] / a.single[:, :d].norm(dim=-1, keepdim=True)
-                           * b.single[:, :d] / b.single[:, :d].norm(dim=-1, keepdim=True)).sum(-1), scores)
-                   for d in (6, 12)) / 2
+    expected = (
+        sum(
+            cosent(
+                (
+                    a.single[:, :d]
+                    / a.single[:, :d].norm(dim=-1, keepdim=True)
+                    * b.single[:, :d]
+                    / b.single[:, :d].norm(dim=-1, keepdim=True)
+                ).sum(-1),
+                scores,
+            )
+            for d in (6, 12)
+        )
+        / 2
+    )
     assert abs(cosent_loss(a, b, scores, 0.05, [6, 12]) - expected) <= 1e-12
     ordered = torch.linspace(-1, 1, 7, dtype=torch.float64)
     assert cosent(ordered, ordered, 0.05) < 0.01 and cosent(-ordered, ordered, 0.05) > 10  # order agrees: ~0
-

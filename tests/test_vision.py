@@ -10,9 +10,10 @@ import torch
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
-from jina_v4.config import VisionConfig, parse
-from jina_v4.positions import Segments, VisionLayout, vision_cos_sin
-from jina_v4.vision import PatchMerger, VisionBlock, VisionTower
+from jina_v4.model.config import VisionConfig, parse
+from jina_v4.model.positions import Segments, VisionLayout, vision_cos_sin
+from jina_v4.model.vision import PatchMerger, VisionBlock, VisionTower
+
 from synthetic import RELEASED
 from tolerances import FP32, call_error, max_diff
 
@@ -21,8 +22,14 @@ GRIDS = [(1, 24, 40), (1, 10, 6), (1, 16, 16)]  # merged 12x20 (3x5 windows, par
 
 def vision_config(depth=3, fullatt=(1,), hidden=32, heads=2):
     d = json.loads((RELEASED / "config.json").read_text())
-    d["vision_config"].update(depth=depth, hidden_size=hidden, num_heads=heads, intermediate_size=48,
-                              out_hidden_size=40, fullatt_block_indexes=list(fullatt))
+    d["vision_config"].update(
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        intermediate_size=48,
+        out_hidden_size=40,
+        fullatt_block_indexes=list(fullatt),
+    )
     return parse(VisionConfig, d["vision_config"], "config.json"), Qwen2_5_VLConfig.from_dict(d).vision_config
 
 
@@ -63,8 +70,11 @@ def test_patch_merger():
 @pytest.mark.parametrize("fullatt", [(0,), (1,), (2,), ()])
 def test_vision_tower(fullatt):
     ours_cfg, hf_cfg = vision_config(fullatt=fullatt)
-    theirs = randomize(hf.Qwen2_5_VisionTransformerPretrainedModel._from_config(
-        hf_cfg, attn_implementation="sdpa", torch_dtype=torch.float32))
+    theirs = randomize(
+        hf.Qwen2_5_VisionTransformerPretrainedModel._from_config(
+            hf_cfg, attn_implementation="sdpa", torch_dtype=torch.float32
+        )
+    )
     ours = VisionTower(ours_cfg)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     pixels = torch.randn(sum(t * h * w for t, h, w in GRIDS), 3 * 2 * 14 * 14)
@@ -88,13 +98,12 @@ def test_segments():
     assert s.slots.tolist() == [0, 1, 2, 4, 5, 6, 12, 13, 14, 15]
 
 
-
 @pytest.mark.parametrize("full", [False, True])
-def test_bf16_vision_rotary_is_the_references(monkeypatch, full):
+def test_bf16_vision_rotary_is_the_references(full):
     """A bf16 tower: q and k reach attention rotated as the reference rotates them (in fp32, cast back to bf16),
     bit for bit, given the same projections. Rotating in bf16 instead moves them by a bf16 step or more, and
     through the blocks after, by far more than the 1-2 steps that two bf16 attention kernels differ by."""
-    import jina_v4.vision
+    from jina_v4.execution import mode
 
     ours_cfg, hf_cfg = vision_config()
     block = VisionBlock(ours_cfg)
@@ -110,8 +119,7 @@ def test_bf16_vision_rotary_is_the_references(monkeypatch, full):
         seen.update(q=q, k=k)
         return v
 
-    monkeypatch.setattr(jina_v4.vision, "attention", record)
-    with torch.no_grad():
+    with torch.no_grad(), mode(attention=record):  # an attention kernel that records what it is given
         block(x, cos, sin, layout.images if full else layout.windows)
         q, k, _ = block.attn.qkv(block.norm1(x)).view(len(x), 3, ours_cfg.num_heads, -1).unbind(1)
         eq, ek = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)

@@ -11,10 +11,10 @@ SCRIPT = r"""
 import json, sys
 import numpy as np, torch
 from PIL import Image
-from jina_v4.config import PreprocessorConfig, VisionConfig
-from jina_v4.images import image_patches
-from jina_v4.positions import VisionLayout
-from jina_v4.vision import VisionTower
+from jina_v4.model.config import PreprocessorConfig, VisionConfig
+from jina_v4.model.images import image_patches
+from jina_v4.model.positions import VisionLayout
+from jina_v4.model.vision import VisionTower
 
 torch.manual_seed(0)
 torch.set_num_threads(2)

@@ -8,24 +8,36 @@ import torch
 import torch.nn.functional as F
 
 from jina_v4 import JinaV4, encode_chunks
+
 from synthetic import Tiny, qwen_tokenizer, write_checkpoint
 from test_late import anchor_of
 from tolerances import FP32, float64_copy, fp32_error
 
-TEXTS = ["Overview of climate change impacts on coastal cities", "气候变化对沿海城市的影响概述",
-         "تأثير تغير المناخ على المدن الساحلية", "emoji 🚀🌍✨, a family 👨‍👩‍👧 and a flag 🇩🇪",
-         "def add(a, b):\n    return a + b  # sum\n\tprint(add(1, 2))", "  leading and trailing spaces  ",
-         "Zeichen wie ß, é, ñ und ℃; math ∑∫√ and the fullwidth ＡＢＣ"]
-DOC = ("Coastal cities face rising seas. 海平面上升威胁沿海城市。 المدن الساحلية تواجه ارتفاع البحار! "
-       "Emoji storms 🌊🌀 grow stronger? def adapt(city):\n    return city.walls + 1\n👩‍🔬 scientists agree.")
+TEXTS = [
+    "Overview of climate change impacts on coastal cities",
+    "气候变化对沿海城市的影响概述",
+    "تأثير تغير المناخ على المدن الساحلية",
+    "emoji 🚀🌍✨, a family 👨‍👩‍👧 and a flag 🇩🇪",
+    "def add(a, b):\n    return a + b  # sum\n\tprint(add(1, 2))",
+    "  leading and trailing spaces  ",
+    "Zeichen wie ß, é, ñ und ℃; math ∑∫√ and the fullwidth ＡＢＣ",
+]
+DOC = (
+    "Coastal cities face rising seas. 海平面上升威胁沿海城市。 المدن الساحلية تواجه ارتفاع البحار! "
+    "Emoji storms 🌊🌀 grow stronger? def adapt(city):\n    return city.walls + 1\n👩‍🔬 scientists agree."
+)
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     from reference import Reference
 
-    path = write_checkpoint(tmp_path_factory.mktemp("qwen") / "qwen-vocab",
-                            Tiny("qwen-vocab", vocab=151936, shards=0, mrope=(2, 4, 2)), seed=3, tok=qwen_tokenizer())
+    path = write_checkpoint(
+        tmp_path_factory.mktemp("qwen") / "qwen-vocab",
+        Tiny("qwen-vocab", vocab=151936, shards=0, mrope=(2, 4, 2)),
+        seed=3,
+        tok=qwen_tokenizer(),
+    )
     return JinaV4.from_pretrained(path, device="cpu"), Reference(path)
 
 
@@ -40,13 +52,17 @@ def test_prompt_ids(qwen):
     model, ref = qwen
     # the released model's image prompt, as its own tokenizer encodes it
     assert model.processor.image_prompt == [151644, 872, 198, 151652, 151655, 151653, 74785, 279, 2168, 13, 151645, 198]
-    assert model.processor.image_prompt == ref.tokenizer(
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n")["input_ids"]
+    assert (
+        model.processor.image_prompt
+        == ref.tokenizer(
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
+        )["input_ids"]
+    )
     for prompt_name, prefix in (("query", "Query: "), ("passage", "Passage: ")):
-        items = model.processor.prepare(TEXTS, "retrieval", prompt_name)
+        items = model.prepare(TEXTS, "retrieval", prompt_name)
         assert [it.input_ids for it in items] == [ref.tokenizer(prefix + t)["input_ids"] for t in TEXTS]
     # the released model embeds this query as 10 tokens (its multi-vector has 10 rows)
-    assert len(model.processor.prepare([TEXTS[0]], "retrieval")[0].input_ids) == 10
+    assert len(model.prepare([TEXTS[0]], "retrieval")[0].input_ids) == 10
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -59,9 +75,10 @@ def test_truncation_at_the_boundary(qwen, qwen_bound, text, recwarn):
         ours = model.encode_text([text], task="code", max_length=n - 1)
     b = ref.text_batch([text], "code", max_length=n - 1)
     assert b["input_ids"].shape[1] == n - 1
-    assert (ours - ref.pool(ref.hidden(b["input_ids"], b["attention_mask"], "code"), b["input_ids"],
-                            b["attention_mask"], "code")).abs().max() <= qwen_bound(
-        lambda m: m.encode_text([text], task="code", max_length=n - 1))
+    assert (
+        ours
+        - ref.pool(ref.hidden(b["input_ids"], b["attention_mask"], "code"), b["input_ids"], b["attention_mask"], "code")
+    ).abs().max() <= qwen_bound(lambda m: m.encode_text([text], task="code", max_length=n - 1))
 
 
 @pytest.mark.parametrize("chunks", ["sentences", 5, 11])

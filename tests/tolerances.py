@@ -66,8 +66,10 @@ class NarrowStorage(TorchDispatchMode):
                     a.copy_(a.float())
             return out
         inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
-        return tree_map(lambda t: _round(t) if isinstance(t, torch.Tensor)
-                        and t.untyped_storage().data_ptr() not in inputs else t, out)
+        return tree_map(
+            lambda t: _round(t) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs else t,
+            out,
+        )
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
@@ -130,13 +132,22 @@ def _safe_softmax(x, dim, dtype=None):
 
 
 aten = torch.ops.aten
-SEQUENTIAL = {aten.mm.default: _mm, aten.bmm.default: _mm, aten.addmm.default: _addmm,
-              aten.addmm_.default: _addmm_,
-              aten.convolution.default: _convolution, aten._softmax.default: _softmax,
-              aten._safe_softmax.default: _safe_softmax}
+SEQUENTIAL = {
+    aten.mm.default: _mm,
+    aten.bmm.default: _mm,
+    aten.addmm.default: _addmm,
+    aten.addmm_.default: _addmm_,
+    aten.convolution.default: _convolution,
+    aten._softmax.default: _softmax,
+    aten._safe_softmax.default: _safe_softmax,
+}
 # ExactProducts (bf16): the functions whose products it computes in float64
-PRODUCTS = {torch.nn.functional.linear, torch.Tensor.addmm_, torch.nn.functional.conv3d,
-            torch.nn.functional.scaled_dot_product_attention}
+PRODUCTS = {
+    torch.nn.functional.linear,
+    torch.Tensor.addmm_,
+    torch.nn.functional.conv3d,
+    torch.nn.functional.scaled_dot_product_attention,
+}
 
 
 # ---- errors and bounds ----------------------------------------------------------------------------------------
@@ -177,8 +188,9 @@ def call_error(fn, *args, **kwargs) -> float:
     """E for one fp32 call fn(*args): fn a module (run as a float64 copy) or a function, on float64 copies of
     the floating-point tensor arguments."""
     wide = float64_copy(fn) if isinstance(fn, torch.nn.Module) else fn
-    args, kwargs = tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-                            (args, kwargs))
+    args, kwargs = tree_map(
+        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, (args, kwargs)
+    )
     return fp32_error(wide, lambda f: f(*args, **kwargs))
 
 
@@ -204,7 +216,9 @@ def max_diff(a, b) -> float:
     """The largest absolute difference between two tensors or two lists of tensors (compared in float64)."""
     a, b = _flat(a), _flat(b)
     assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
-    return max((float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    return max(
+        (float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0
+    )
 
 
 def _flat(x) -> list[torch.Tensor]:

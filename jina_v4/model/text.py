@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ..execution import checkpointed
 from .config import TextConfig
-from .layers import MLP, RMSNorm, attention, residual
+from .layers import MLP, RMSNorm, attention
 from .lora import LoRALinear
 from .positions import Segments, apply_rope, mrope_cos_sin
 
@@ -29,13 +29,13 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear(D, K * d, bias=True)
         self.o_proj = LoRALinear(H * d, D, bias=False)
 
-    def forward(self, x, cos, sin, seqs: Segments, task) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: Segments) -> torch.Tensor:
         T, d = x.shape[0], self.head_dim
-        q = self.q_proj(x, task).view(T, -1, d)  # (T, H, d)
-        k = self.k_proj(x, task).view(T, -1, d)  # (T, K, d)
-        v = self.v_proj(x, task).view(T, -1, d)  # (T, K, d)
+        q = self.q_proj(x).view(T, -1, d)  # (T, H, d)
+        k = self.k_proj(x).view(T, -1, d)  # (T, K, d)
+        v = self.v_proj(x).view(T, -1, d)  # (T, K, d)
         o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, seqs, self.causal)  # (T, H, d)
-        return self.o_proj(o.reshape(T, -1), task)
+        return self.o_proj(o.reshape(T, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -46,9 +46,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False, linear=LoRALinear)
 
-    def forward(self, x, cos, sin, seqs: Segments, task) -> torch.Tensor:
-        x = residual(x, self.self_attn(self.input_layernorm(x), cos, sin, seqs, task))
-        return residual(x, self.mlp(self.post_attention_layernorm(x), task))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: Segments) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seqs)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TextModel(nn.Module):
@@ -60,20 +60,21 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.checkpointing = False  # training: recompute each layer in the backward pass instead of storing it
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seqs: Segments, task,
-                hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, seqs: Segments, hidden_states: list | None = None
+    ) -> torch.Tensor:
         """x: (T, D) input embeddings; position_ids: (3, T). Returns the final-normed states (T, D).
         Pass a list as `hidden_states` to collect each layer's input and the final output (the reference's
-        `output_hidden_states`, num_hidden_layers + 1 tensors)."""
+        `output_hidden_states`, one more tensor than there are layers)."""
         c = self.cfg
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, x.dtype)  # (T, d)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, seqs, task, use_reentrant=False)
+                x = checkpointed(layer, x, cos, sin, seqs)
             else:
-                x = layer(x, cos, sin, seqs, task)
+                x = layer(x, cos, sin, seqs)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)

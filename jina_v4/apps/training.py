@@ -17,8 +17,8 @@ Losses are means over queries (the paper writes sums: a constant factor in the l
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from . import lora
-from .heads import matryoshka, multi_vectors, single_vectors
-from .modes import Mode, mode
-from .processing import MAX_TEXT_TOKENS, Item
+from ..model import lora
+from ..model.heads import Both, matryoshka
+from ..model.processing import MAX_TEXT_TOKENS, Item
+from ..pipeline import encode
+from .scoring import masked_maxsim
 
 
 @dataclass
@@ -43,13 +44,13 @@ class Embeddings:
     def __len__(self) -> int:
         return len(self.single)
 
-    def padded(self, length: int) -> "Embeddings":
+    def padded(self, length: int) -> Embeddings:
         """The same rows with multi and mask padded to `length` tokens."""
         extra = length - self.multi.shape[1]
         return Embeddings(self.single, F.pad(self.multi, (0, 0, 0, extra)), F.pad(self.mask, (0, extra)))
 
     @staticmethod
-    def cat(parts: Sequence["Embeddings"]) -> "Embeddings":
+    def cat(parts: Sequence[Embeddings]) -> Embeddings:
         L = max(e.multi.shape[1] for e in parts)
         parts = [e.padded(L) for e in parts]
         return Embeddings(*(torch.cat([getattr(e, k) for e in parts]) for k in ("single", "multi", "mask")))
@@ -59,8 +60,9 @@ def trainable(model: nn.Module, task: str) -> dict[str, nn.Parameter]:
     """Make exactly `task`'s LoRA A/B trainable (every other parameter frozen); returns them by name."""
     model.requires_grad_(False)
     adapted = set(map(id, lora.adapted(model)))
-    names = {f"{name}.{ab}.{task}" for name, m in model.named_modules() if id(m) in adapted
-             for ab in ("lora_A", "lora_B")}
+    names = {
+        f"{name}.{ab}.{task}" for name, m in model.named_modules() if id(m) in adapted for ab in ("lora_A", "lora_B")
+    }
     params = {n: p for n, p in model.named_parameters() if n in names}
     if not params:
         raise ValueError(f"task {task!r} has no adapter in this model (tasks: {list(model.config.task_names)})")
@@ -81,26 +83,23 @@ def embed_items(model: nn.Module, items: list[Item], deterministic: bool = False
         D, P = model.config.text_config.hidden_size, model.config.multi_vector_projector_dim
         z = torch.zeros(0, D, device=model.device, dtype=torch.promote_types(model.dtype, torch.float32))
         return Embeddings(z, z.new_zeros(0, 0, P), torch.zeros(0, 0, dtype=torch.bool, device=model.device))
-    single: list = [None] * len(items)
-    multi: list = [None] * len(items)
-    for batch in model.processor.batches(items, model.max_batch_tokens):
-        batch = batch.to(model.device, model.dtype)
-        h = model(batch, deterministic=deterministic)  # (T, D)
-        with mode(Mode(deterministic=deterministic)):  # the projector's matmuls too, as encode_items runs them
-            s = single_vectors(h, batch.pool_rows, batch.pool_seqs, batch.pool_sizes)  # (S, D)
-            m = multi_vectors(model.multi_vector_projector, h, batch.task).split(batch.seqs.lengths)  # (L_i, P)
-        for j, i in enumerate(batch.index):
-            single[i], multi[i] = s[j], m[j]
+    single, multi = zip(*encode(model, items, Both(), deterministic=deterministic))  # (D,), (L_i, P) per item
     lengths = torch.tensor([len(m) for m in multi], device=model.device)
     mask = torch.arange(int(lengths.max()), device=model.device) < lengths[:, None]  # (N, L)
-    return Embeddings(torch.stack(single), pad_sequence(multi, batch_first=True), mask)
+    return Embeddings(torch.stack(single), pad_sequence(list(multi), batch_first=True), mask)
 
 
-def embed(model: nn.Module, inputs: Sequence, task: str | Sequence[str], prompt_name: str = "query",
-          max_length: int = MAX_TEXT_TOKENS, max_pixels: int | None = None, deterministic: bool = False
-          ) -> Embeddings:
+def embed(
+    model: nn.Module,
+    inputs: Sequence,
+    task: str | Sequence[str],
+    prompt_name: str = "query",
+    max_length: int = MAX_TEXT_TOKENS,
+    max_pixels: int | None = None,
+    deterministic: bool = False,
+) -> Embeddings:
     """The inputs of `model.encode` (texts, images, {"text"}/{"image"} dicts) -> Embeddings with autograd."""
-    items = model.processor.prepare(inputs, task, prompt_name, max_length, max_pixels)
+    items = model.prepare(inputs, task, prompt_name, max_length, max_pixels)
     return embed_items(model, items, deterministic)
 
 
@@ -117,12 +116,10 @@ def late_scores(q: Embeddings, p: Embeddings, block: int = 2**26) -> torch.Tenso
     inference MaxSim does not divide). Documents go in blocks of at most `block` similarity elements."""
     n = q.mask.sum(1, keepdim=True)  # (Nq, 1)
     step = max(1, block // max(1, q.multi.shape[0] * q.multi.shape[1] * p.multi.shape[1]))
-    out = []
-    for a in range(0, len(p), step):
-        sim = torch.einsum("aip,bjp->abij", q.multi, p.multi[a:a + step])  # (Nq, n, Lq, Lp)
-        sim = sim.masked_fill(~p.mask[None, a:a + step, None, :], float("-inf")).max(-1).values  # (Nq, n, Lq)
-        out.append((sim * q.mask[:, None, :]).sum(-1) / n)
-    return torch.cat(out, dim=1)
+    parts = [
+        masked_maxsim(q.multi, q.mask, p.multi[a : a + step], p.mask[a : a + step]) for a in range(0, len(p), step)
+    ]
+    return torch.cat(parts, dim=1) / n
 
 
 def info_nce(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -133,19 +130,25 @@ def info_nce(scores: torch.Tensor, tau: float) -> torch.Tensor:
 
 def distill(dense: torch.Tensor, late: torch.Tensor, tau: float) -> torch.Tensor:
     """KL(softmax(dense/τ) ‖ softmax(late/τ)), row-wise, mean over rows; gradients reach both sides."""
-    return F.kl_div(F.log_softmax(late / tau, -1), F.log_softmax(dense / tau, -1), reduction="batchmean",
-                    log_target=True)
+    return F.kl_div(
+        F.log_softmax(late / tau, -1), F.log_softmax(dense / tau, -1), reduction="batchmean", log_target=True
+    )
 
 
-def matryoshka_loss(fn: Callable, a: torch.Tensor, b: torch.Tensor, dims: Sequence[int | None] | None
-                    ) -> torch.Tensor:
+def matryoshka_loss(fn: Callable, a: torch.Tensor, b: torch.Tensor, dims: Sequence[int | None] | None) -> torch.Tensor:
     """The mean over `dims` of fn(a_d, b_d), x_d the first d components renormalised (None or []: fn(a, b))."""
     dims = list(dims or [None])
     return sum(fn(matryoshka(a, d), matryoshka(b, d)) for d in dims) / len(dims)
 
 
-def retrieval_loss(q: Embeddings, p: Embeddings, negatives: Embeddings | None = None, tau: float = 0.02,
-                   weights: Sequence[float] = (1.0, 1.0, 1.0), dims: Sequence[int] | None = None) -> torch.Tensor:
+def retrieval_loss(
+    q: Embeddings,
+    p: Embeddings,
+    negatives: Embeddings | None = None,
+    tau: float = 0.02,
+    weights: Sequence[float] = (1.0, 1.0, 1.0),
+    dims: Sequence[int] | None = None,
+) -> torch.Tensor:
     """One batch of (query, positive[, hard negatives]): w1·NCE(dense, Matryoshka over `dims`) + w2·NCE(late)
     + w3·KL(dense ‖ late). Every query sees every positive and every hard negative of the batch."""
     docs = p if negatives is None or len(negatives) == 0 else Embeddings.cat([p, negatives])
@@ -155,12 +158,20 @@ def retrieval_loss(q: Embeddings, p: Embeddings, negatives: Embeddings | None = 
     return weights[0] * nce + weights[1] * info_nce(late, tau) + weights[2] * distill(dense, late, tau)
 
 
-def joint_loss(text: tuple | None, multimodal: tuple | None, tau: float = 0.02,
-               weights: Sequence[float] = (1.0,) * 6, dims: Sequence[int] | None = None) -> torch.Tensor:
+def joint_loss(
+    text: tuple | None,
+    multimodal: tuple | None,
+    tau: float = 0.02,
+    weights: Sequence[float] = (1.0,) * 6,
+    dims: Sequence[int] | None = None,
+) -> torch.Tensor:
     """The paper's L_joint: retrieval_loss on a text batch (w1..w3) plus on a multimodal batch (w4..w6). Each
     batch is (queries, positives) or (queries, positives, hard negatives); either may be None."""
-    parts = [retrieval_loss(*b, tau=tau, weights=w, dims=dims)
-             for b, w in ((text, weights[:3]), (multimodal, weights[3:])) if b is not None]
+    parts = [
+        retrieval_loss(*b, tau=tau, weights=w, dims=dims)
+        for b, w in ((text, weights[:3]), (multimodal, weights[3:]))
+        if b is not None
+    ]
     if not parts:
         raise ValueError("joint_loss needs a text batch, a multimodal batch, or both")
     return sum(parts)
@@ -173,8 +184,9 @@ def cosent(cos: torch.Tensor, scores: torch.Tensor, tau: float = 0.05) -> torch.
     return torch.logsumexp(torch.cat([diff.new_zeros(1), diff]), 0)
 
 
-def cosent_loss(a: Embeddings, b: Embeddings, scores: torch.Tensor, tau: float = 0.05,
-                dims: Sequence[int] | None = None) -> torch.Tensor:
+def cosent_loss(
+    a: Embeddings, b: Embeddings, scores: torch.Tensor, tau: float = 0.05, dims: Sequence[int] | None = None
+) -> torch.Tensor:
     """CoSENT on the cosines of the pairs (a_k, b_k), averaged over the Matryoshka `dims`."""
     return matryoshka_loss(lambda x, y: cosent((x * y).sum(-1), scores.to(x.device), tau), a.single, b.single, dims)
 
@@ -208,7 +220,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad[ctx.start:ctx.start + ctx.n]
+        return grad[ctx.start : ctx.start + ctx.n]
 
 
 def gather(e: Embeddings) -> Embeddings:
@@ -240,8 +252,13 @@ def sync_grads(params: Sequence[nn.Parameter]) -> None:
 # ---- one step's gradients -----------------------------------------------------------------------------------
 
 
-def backward(model: nn.Module, groups: Sequence[list[Item]], loss_fn: Callable[[list[Embeddings]], torch.Tensor],
-             minibatch: int | None = None, deterministic: bool = False) -> torch.Tensor:
+def backward(
+    model: nn.Module,
+    groups: Sequence[list[Item]],
+    loss_fn: Callable[[list[Embeddings]], torch.Tensor],
+    minibatch: int | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
     """Gradients of loss_fn(the groups' embeddings, gathered across ranks) into the trainable parameters;
     returns the loss (detached). groups: item lists (e.g. queries, positives, negatives), empty ones allowed;
     a None group gives loss_fn a None (it must be None on every rank).
@@ -255,7 +272,7 @@ def backward(model: nn.Module, groups: Sequence[list[Item]], loss_fn: Callable[[
         loss = loss_fn(embs)
         loss.backward()
         return loss.detach()
-    chunks = [None if g is None else [g[i:i + minibatch] for i in range(0, len(g), minibatch)] for g in groups]
+    chunks = [None if g is None else [g[i : i + minibatch] for i in range(0, len(g), minibatch)] for g in groups]
     states, cached = [], []
     with torch.no_grad():
         for group in chunks:
@@ -279,9 +296,14 @@ def backward(model: nn.Module, groups: Sequence[list[Item]], loss_fn: Callable[[
             part = embed_items(model, c, deterministic)
             rows, L = slice(start, start + len(c)), part.multi.shape[1]
             gs, gm = e.single.grad, e.multi.grad
-            surrogate = sum((t * g).sum() for t, g in ((part.single, None if gs is None else gs[rows]),
-                                                      (part.multi, None if gm is None else gm[rows, :L]))
-                            if g is not None)
+            surrogate = sum(
+                (t * g).sum()
+                for t, g in (
+                    (part.single, None if gs is None else gs[rows]),
+                    (part.multi, None if gm is None else gm[rows, :L]),
+                )
+                if g is not None
+            )
             if torch.is_tensor(surrogate):
                 surrogate.backward()
             start += len(c)

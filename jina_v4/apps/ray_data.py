@@ -27,13 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+import torch
 from ray.data.block import BlockAccessor
 
-from .config import check_truncate_dim
-from .loading import CONFIG_FILES, read_configs, resolve
-from .model import JinaV4
+from ..model import JinaV4
+from ..model.heads import head_for
+from ..model.loading import CONFIG_FILES, read_configs, resolve
+from ..model.processing import checked_text, describe, preview
+from ..pipeline import collect, encode
+from .common import error_policy
 from .jobs import IMAGE_SUFFIXES
-from .processing import Item, checked_text, describe, preview
 
 
 class EmbedError(ValueError):
@@ -44,18 +47,31 @@ class Embedder:
     """One JinaV4 per actor; called on batches (a pyarrow Table or a dict of arrays) of `id_column` and
     `text_column` and/or `image_column` (bytes, a path or an http(s) URL); each row holds one of the two."""
 
-    def __init__(self, model: str, task: str = "retrieval", prompt_name: str | None = None,
-                 multivector: bool = False, truncate_dim: int | None = None, max_pixels: int | None = None,
-                 dtype: str | None = None, device: str | None = None, on_error: str = "fail",
-                 batch_size: int | None = None, text_column: str = "text", image_column: str = "image",
-                 id_column: str = "id", deterministic: bool = False):
+    def __init__(
+        self,
+        model: str,
+        task: str = "retrieval",
+        prompt_name: str | None = None,
+        multivector: bool = False,
+        truncate_dim: int | None = None,
+        max_pixels: int | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        on_error: str = "fail",
+        batch_size: int | None = None,
+        text_column: str = "text",
+        image_column: str = "image",
+        id_column: str = "id",
+        deterministic: bool = False,
+    ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
         self.model = JinaV4.from_pretrained(model, device=device, dtype=dtype)
         self.model.task = task
         self.prompt_name, self.max_pixels, self.on_error = prompt_name, max_pixels, on_error
-        self.encoding = dict(batch_size=batch_size, return_multivector=multivector, truncate_dim=truncate_dim,
-                             deterministic=deterministic)
+        self.head = head_for(multivector, truncate_dim, self.model.config.matryoshka_dims)
+        self.dim = truncate_dim or self.model.config.text_config.hidden_size
+        self.batch_size, self.deterministic = batch_size, deterministic
         self.multivector, self.text_column, self.image_column = multivector, text_column, image_column
         self.id_column = id_column
 
@@ -64,21 +80,24 @@ class Embedder:
         ids, none = cols[self.id_column], [None] * len(cols[self.id_column])
         texts, images = cols.get(self.text_column, none), cols.get(self.image_column, none)
         inputs = [{"text": t} if i is None else {"image": i} for t, i in zip(texts, images)]
-        items = self.model.processor.prepare(inputs, self.model.task, self.prompt_name, max_pixels=self.max_pixels,
-                                             errors="return")
-        skipped: list[dict | None] = [None] * len(ids)
+        items = self.model.prepare(
+            inputs, self.model.task, self.prompt_name, max_pixels=self.max_pixels, errors="return"
+        )
         for j, (t, i) in enumerate(zip(texts, images)):
             if t is not None and i is not None or t is None and i is None:
-                items[j] = ValueError(f"a row holds a {self.text_column!r} or an {self.image_column!r}, "
-                                      f"{'not both' if t is not None else 'and this one has neither'}")
-            if not isinstance(items[j], Item):
-                reason = getattr(items[j], "reason", None) or str(items[j])
-                what = f"<{len(i)} bytes>" if isinstance(i, bytes) else preview(str(i if t is None else t), 200)
-                if self.on_error == "fail":
-                    raise EmbedError(f"id {ids[j]!r} ({what}): {reason}")
-                skipped[j] = {"input": what, "error": reason}
+                items[j] = ValueError(
+                    f"a row holds a {self.text_column!r} or an {self.image_column!r}, "
+                    f"{'not both' if t is not None else 'and this one has neither'}"
+                )
+        with torch.inference_mode():
+            results = encode(self.model, items, self.head, self.batch_size, self.deterministic, errors="return")
+        labels = [
+            f"<{len(i)} bytes>" if isinstance(i, bytes) else str(i if t is None else t) for t, i in zip(texts, images)
+        ]
+        skipped = error_policy(results, [f"id {i!r}" for i in ids], labels, self.on_error, EmbedError)
+        skipped = [None if r is None else {**r, "input": preview(r["input"], 200)} for r in skipped]
         ok = [j for j, s in enumerate(skipped) if s is None]
-        vecs = self.model.encode_items([items[j] for j in ok], **self.encoding)
+        vecs = collect([results[j] for j in ok], self.multivector, False, self.dim, self.model.dtype)
         out = {"id": pa.array(ids), "embedding": self.vector_column(vecs, ok, len(ids))}
         if self.on_error == "skip":
             out["skipped"] = pa.array(skipped, pa.struct([("input", pa.string()), ("error", pa.string())]))
@@ -142,10 +161,15 @@ def read_jsonl(paths: list[Path], fields: tuple[str, str, str], on_error: str) -
                 raise EmbedError(f"{path}:{n}: not valid JSON ({e})") from None
             given = given if given is not None else isinstance(obj, dict) and id_f in obj
             if not isinstance(obj, dict) or (id_f in obj) != given:
-                raise EmbedError(f"{path}:{n}: not a JSON object, or the {id_f!r} field is in some lines and not "
-                                 "in others (without it, the ids are the row numbers)")
-            row = {"id": obj[id_f] if given else len(cols["id"]) + len(skipped), "text": obj.get(text_f),
-                   "image": obj.get(image_f)}
+                raise EmbedError(
+                    f"{path}:{n}: not a JSON object, or the {id_f!r} field is in some lines and not "
+                    "in others (without it, the ids are the row numbers)"
+                )
+            row = {
+                "id": obj[id_f] if given else len(cols["id"]) + len(skipped),
+                "text": obj.get(text_f),
+                "image": obj.get(image_f),
+            }
             if not isinstance(row["id"], (int, str)) or isinstance(row["id"], bool):
                 raise EmbedError(f"{path}:{n}: the {id_f!r} field is {describe(row['id'])}, not an int or a str")
             try:
@@ -175,15 +199,18 @@ def read_row_group(piece: dict[str, Any], fields: tuple[str, str, str]) -> pa.Ta
     return pa.table(cols)
 
 
-def read_corpus(inputs: list[str], rows: int, fields: tuple[str, str, str] = ("id", "text", "image"),
-                on_error: str = "fail") -> tuple[ray.data.Dataset, int, list[dict]]:
+def read_corpus(
+    inputs: list[str], rows: int, fields: tuple[str, str, str] = ("id", "text", "image"), on_error: str = "fail"
+) -> tuple[ray.data.Dataset, int, list[dict]]:
     """jsonl files, parquet files or image directories -> (a dataset of id, text and/or image in blocks of about
     `rows` rows, the number of rows, rows skipped while reading). Images in directories: the ids are paths."""
     paths = [Path(p) for p in inputs]
     kinds = {"dir" if p.is_dir() else p.suffix if p.is_file() else "missing" for p in paths}
     if len(kinds) != 1 or not kinds <= {"dir", ".jsonl", ".parquet"}:
-        raise EmbedError(f"{', '.join(inputs)}: --input takes existing .jsonl files, .parquet files or image "
-                         "directories, one kind at a time")
+        raise EmbedError(
+            f"{', '.join(inputs)}: --input takes existing .jsonl files, .parquet files or image "
+            "directories, one kind at a time"
+        )
     if (kind := kinds.pop()) == "dir":
         if not (files := sorted(str(f) for p in paths for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)):
             raise EmbedError(f"{', '.join(inputs)}: no image files")
@@ -198,8 +225,10 @@ def read_corpus(inputs: list[str], rows: int, fields: tuple[str, str, str] = ("i
         file = pq.ParquetFile(p)
         names = file.schema_arrow.names
         if not {fields[1], fields[2]} & set(names) or has_id != (fields[0] in names):
-            raise EmbedError(f"{p}: columns {names}: each file needs a {fields[1]!r} or {fields[2]!r} column, "
-                             f"and an {fields[0]!r} column if and only if the first file has one")
+            raise EmbedError(
+                f"{p}: columns {names}: each file needs a {fields[1]!r} or {fields[2]!r} column, "
+                f"and an {fields[0]!r} column if and only if the first file has one"
+            )
         ids += file.read([fields[0]])[fields[0]].to_pylist() if has_id else []
         for g in range(file.metadata.num_row_groups):
             pieces.append({"path": str(p), "group": g, "first": n})
@@ -212,18 +241,28 @@ def read_corpus(inputs: list[str], rows: int, fields: tuple[str, str, str] = ("i
 
 def check_options(model: str, kw: dict) -> None:
     """What would fail in every actor fails here, once: the model (its config files), task, truncate_dim."""
-    config, task = read_configs(resolve(model, files=CONFIG_FILES))[0], kw.get("task", "retrieval")
-    if task not in config.task_names:
-        raise EmbedError(f"unknown task {task!r}: valid tasks are {list(config.task_names)}")
-    if kw.get("multivector") and kw.get("truncate_dim"):
-        raise EmbedError("truncate_dim applies to single vectors; multi-vectors are never truncated")
-    check_truncate_dim(kw.get("truncate_dim"), config.matryoshka_dims)
+    config = read_configs(resolve(model, files=CONFIG_FILES))[0]
+    try:
+        config.tasks_for(kw.get("task", "retrieval"), 1)
+        head_for(kw.get("multivector", False), kw.get("truncate_dim"), config.matryoshka_dims)
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
 
 
-def embed_corpus(inputs: list[str], output: str, model: str, *, actors: int | None = None,
-                 gpus_per_actor: float | None = None, cpus_per_actor: float | None = None, rows: int = 1000,
-                 report: str | None = None, fields: tuple[str, str, str] = ("id", "text", "image"),
-                 cls: type = Embedder, **embedder_kwargs) -> dict:
+def embed_corpus(
+    inputs: list[str],
+    output: str,
+    model: str,
+    *,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
+    rows: int = 1000,
+    report: str | None = None,
+    fields: tuple[str, str, str] = ("id", "text", "image"),
+    cls: type = Embedder,
+    **embedder_kwargs,
+) -> dict:
     """Read `inputs`, embed them on a pool of `cls` actors (kwargs as Embedder's; default: 1 GPU each, one per
     GPU, or one) into output/part-*.parquet, skipped rows into `report` (output/skipped.jsonl). Ray must run."""
     out, start = Path(output), time.perf_counter()
@@ -239,9 +278,15 @@ def embed_corpus(inputs: list[str], output: str, model: str, *, actors: int | No
     ds, n, skipped = read_corpus(inputs, rows, fields, embedder_kwargs.get("on_error", "fail"))
     out.mkdir(parents=True, exist_ok=True)
     # Ray Data restarts an actor that dies and retries its batches (max_restarts, max_task_retries: -1)
-    ds = ds.map_batches(cls, fn_constructor_kwargs={"model": model, **embedder_kwargs}, batch_size=rows,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+    ds = ds.map_batches(
+        cls,
+        fn_constructor_kwargs={"model": model, **embedder_kwargs},
+        batch_size=rows,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    )
     sink, found = VectorSink(str(out.resolve())), None
     try:
         ds.write_datasink(sink)
@@ -276,8 +321,10 @@ def read_vectors(directory: str | Path) -> tuple[list, np.ndarray | list[np.ndar
 def run(args) -> None:
     """`jina-v4 embed --ray [ADDRESS] --input ... -o DIR`, on the options cli.py parses."""
     if args.texts or args.image or not args.input or not args.output or args.format:
-        raise EmbedError("with --ray, give --input files (.jsonl, .parquet) or image directories and -o DIR; "
-                         "the output is parquet (no --format)")
+        raise EmbedError(
+            "with --ray, give --input files (.jsonl, .parquet) or image directories and -o DIR; "
+            "the output is parquet (no --format)"
+        )
     level, started, start = logging.ERROR if args.quiet else logging.INFO, not ray.is_initialized(), time.perf_counter()
     if started:  # no address: a local Ray (or RAY_ADDRESS's cluster); "auto", ray://head:10001: that cluster
         ray.init(address=args.ray or None, logging_level=level)
@@ -285,16 +332,33 @@ def run(args) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
     logging.getLogger("ray.data").setLevel(level)
     try:
-        r = embed_corpus(args.input, args.output, str(args.model), actors=args.actors,
-                         gpus_per_actor=args.gpus_per_actor, rows=args.shard_size, report=args.report,
-                         fields=("id", args.text_field, "image"), task=args.task, prompt_name=args.prompt_name,
-                         multivector=args.multivector, truncate_dim=args.truncate_dim, max_pixels=args.max_pixels,
-                         dtype=args.dtype, device=args.device, on_error=args.on_error, batch_size=args.batch_size,
-                         deterministic=args.deterministic)
+        r = embed_corpus(
+            args.input,
+            args.output,
+            str(args.model),
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            rows=args.shard_size,
+            report=args.report,
+            fields=("id", args.text_field, "image"),
+            task=args.task,
+            prompt_name=args.prompt_name,
+            multivector=args.multivector,
+            truncate_dim=args.truncate_dim,
+            max_pixels=args.max_pixels,
+            dtype=args.dtype,
+            device=args.device,
+            on_error=args.on_error,
+            batch_size=args.batch_size,
+            deterministic=args.deterministic,
+        )
     finally:
         if started:
             ray.shutdown()
     if not args.quiet:
         skipped = f"; {r['skipped']} skipped (see the report)" if r["skipped"] else ""
-        print(f"embedded {r['embedded']} items on {r['actors']} actor{'s' * (r['actors'] > 1)} in {r['seconds']:.1f} s "
-              f"(Ray started in {ray_seconds:.1f} s){skipped}", file=sys.stderr)
+        print(
+            f"embedded {r['embedded']} items on {r['actors']} actor{'s' * (r['actors'] > 1)} in {r['seconds']:.1f} s "
+            f"(Ray started in {ray_seconds:.1f} s){skipped}",
+            file=sys.stderr,
+        )

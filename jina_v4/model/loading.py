@@ -20,13 +20,29 @@ from torch import nn
 
 from .config import AdapterConfig, JinaV4Config, read_json
 
-FILES = ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
-         "model.safetensors.index.json", "model-*.safetensors", "adapters/adapter_config.json",
-         "adapters/adapter_model.safetensors"]
+FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "adapters/adapter_config.json",
+    "adapters/adapter_model.safetensors",
+]
 CONFIG_FILES = ["config.json", "adapters/adapter_config.json"]
 ADAPTER_FILE = "adapters/adapter_model.safetensors"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
 
 
 class CheckpointError(ValueError):
@@ -43,7 +59,7 @@ def reference_name(name: str) -> str:
     """Our module or parameter name -> the reference's (`model.layers.0...` -> `model.language_model.layers.0...`)."""
     for ours, theirs in NESTED:
         if name.startswith(ours) and not name.startswith(theirs):
-            return theirs + name[len(ours):]
+            return theirs + name[len(ours) :]
     return name
 
 
@@ -51,7 +67,7 @@ def module_name(name: str) -> str:
     """The reference's name (or ours, unchanged) -> ours."""
     for ours, theirs in NESTED:
         if name.startswith(theirs):
-            return ours + name[len(theirs):]
+            return ours + name[len(theirs) :]
     return name
 
 
@@ -63,7 +79,7 @@ def adapter_key(name: str) -> str:
 def adapter_name(key: str) -> str:
     """A key of adapters/adapter_model.safetensors -> our `<module>.lora_A.<task>` (unrecognised: unchanged)."""
     if key.startswith("base_model.model.") and key.endswith(".weight"):
-        return module_name(key[len("base_model.model."):-len(".weight")])
+        return module_name(key[len("base_model.model.") : -len(".weight")])
     return key
 
 
@@ -78,8 +94,14 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r} is not one of {sorted(set(DTYPES))}")
 
 
-def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
-            local_files_only: bool = False, token: str | bool | None = None, files: list[str] = FILES) -> Path:
+def resolve(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    files: list[str] = FILES,
+) -> Path:
     """A local directory as is; otherwise a hub repo id, downloaded (only `files`: what jina_v4 reads)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -90,8 +112,16 @@ def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: st
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=files,
-                                      local_files_only=local_files_only, token=token))
+        return Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=files,
+                local_files_only=local_files_only,
+                token=token,
+            )
+        )
     except Exception as e:  # network, auth, missing revision: one clear line
         raise FileNotFoundError(f"{name}: cannot fetch from the hub ({type(e).__name__}: {e})") from None
 
@@ -149,8 +179,10 @@ def load_checkpoint(model: nn.Module, path: Path, dtype: torch.dtype, device: to
         add(file, tensors, module_name)
         if listed is not None and set(tensors) != set(listed):
             missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
-            raise CheckpointError(f"{file}: disagrees with model.safetensors.index.json"
-                                  f"{_names(' lacks', missing)}{_names(' has unlisted', extra)}")
+            raise CheckpointError(
+                f"{file}: disagrees with model.safetensors.index.json"
+                f"{_names(' lacks', missing)}{_names(' has unlisted', extra)}"
+            )
     if not (path / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{path}: {ADAPTER_FILE} is missing (the task adapters)")
     add(path / ADAPTER_FILE, read_tensors(path / ADAPTER_FILE), adapter_name)
@@ -159,8 +191,10 @@ def load_checkpoint(model: nn.Module, path: Path, dtype: torch.dtype, device: to
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(origin[k] for k in set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not fit the config"
-                              f"{_names(' - missing', missing)}{_names(' - unexpected', unexpected)}")
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit the config"
+            f"{_names(' - missing', missing)}{_names(' - unexpected', unexpected)}"
+        )
     for k, t in state.items():
         if t.shape != expected[k]:
             hint = " (the LoRA rank must equal r in adapter_config.json)" if ".lora_" in k else ""

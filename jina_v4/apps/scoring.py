@@ -9,10 +9,14 @@ negative, a padding row wins at 0 and the document's score depends on the longes
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
+
+from ..model.heads import Multi
+from ..pipeline import encode
 
 Vectors = Union[Sequence[torch.Tensor], Sequence[np.ndarray], torch.Tensor, np.ndarray]
 
@@ -32,8 +36,9 @@ def _padded(x: Vectors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(x, (torch.Tensor, np.ndarray)):
         x = torch.as_tensor(x)
         if x.dim() != 3:
-            raise ValueError(f"{name}: expected a list of (L, P) tensors or a padded (N, L, P) tensor, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected a list of (L, P) tensors or a padded (N, L, P) tensor, got shape {tuple(x.shape)}"
+            )
         padded, mask = x, x.abs().sum(-1) > 0
     else:
         for i, v in enumerate(x):
@@ -46,8 +51,13 @@ def _padded(x: Vectors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return padded, mask
 
 
-def maxsim(queries: Vectors, documents: Vectors, batch_size: int = 128,
-           device: str | torch.device | None = None, max_elements: int = 2**26) -> torch.Tensor:
+def maxsim(
+    queries: Vectors,
+    documents: Vectors,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    max_elements: int = 2**26,
+) -> torch.Tensor:
     """(Q, D) late-interaction scores, accumulated in fp32 (float64 inputs: float64), in blocks of up to
     `batch_size` queries x documents, fewer documents when a (q, d, query tokens, document tokens) block would
     pass `max_elements`. Empty lists give an empty (Q, D) result; a query or document with no vectors is an
@@ -63,13 +73,19 @@ def maxsim(queries: Vectors, documents: Vectors, batch_size: int = 128,
     out = torch.empty(len(q), len(d), dtype=dtype)
     doc_block = max(1, min(batch_size, max_elements // (min(batch_size, len(q)) * q.shape[1] * d.shape[1])))
     for i in range(0, len(q), batch_size):
-        qb, qm = q[i:i + batch_size].to(device, dtype), q_mask[i:i + batch_size].to(device)
+        qb, qm = q[i : i + batch_size].to(device, dtype), q_mask[i : i + batch_size].to(device)
         for j in range(0, len(d), doc_block):
-            db, dm = d[j:j + doc_block].to(device, dtype), d_mask[j:j + doc_block].to(device)
-            sim = torch.einsum("qnp,dsp->qdns", qb, db)  # (q, d, query tokens, document tokens)
-            best = sim.masked_fill(~dm[None, :, None, :], float("-inf")).amax(-1)  # (q, d, n)
-            out[i:i + batch_size, j:j + doc_block] = best.masked_fill(~qm[:, None, :], 0).sum(-1).cpu()
+            db, dm = d[j : j + doc_block].to(device, dtype), d_mask[j : j + doc_block].to(device)
+            out[i : i + batch_size, j : j + doc_block] = masked_maxsim(qb, qm, db, dm).cpu()
     return out
+
+
+def masked_maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
+    """Padded (Q, n, P) queries and (D, s, P) documents with their masks -> (Q, D): Σ over real query tokens of
+    the best dot product with a real document token. Differentiable (training divides it by n)."""
+    sim = torch.einsum("qnp,dsp->qdns", q, d)  # (Q, D, query tokens, document tokens)
+    best = sim.masked_fill(~d_mask[None, :, None, :], float("-inf")).amax(-1)  # (Q, D, n)
+    return best.masked_fill(~q_mask[:, None, :], 0).sum(-1)
 
 
 def patch_scores(query: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -79,14 +95,12 @@ def patch_scores(query: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def similarity_map(model, query: str, image, task: str | None = None, max_pixels: int | None = None
-                   ) -> torch.Tensor:
+def similarity_map(model, query: str, image, task: str | None = None, max_pixels: int | None = None) -> torch.Tensor:
     """(h, w) over the image's merge units (28x28 px each of the resized image): each unit's late-interaction
     score with the query's multi-vectors (`patch_scores`)."""
-    task = model.processor.tasks(task or model.task, 1)[0]
     q = model.encode_text(query, task=task, return_multivector=True)
-    item = model.processor.prepare([{"image": image}], task, max_pixels=max_pixels, name="image")[0]
-    d = model.encode_items([item], return_multivector=True)[0]
+    item = model.prepare([{"image": image}], task, max_pixels=max_pixels, name="image")[0]
+    d = encode(model, [item], Multi())[0].cpu()
     cells = torch.tensor(item.input_ids) == model.config.image_token_id
     merge = model.processor.image_cfg.merge_size
     return patch_scores(q, d[cells]).view(item.grid[1] // merge, item.grid[2] // merge)

@@ -59,8 +59,9 @@ def load_image(image: ImageInput, timeout: float = 30.0) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def image_patches(img: Image.Image, cfg: PreprocessorConfig, max_pixels: int | None = None
-                  ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def image_patches(
+    img: Image.Image, cfg: PreprocessorConfig, max_pixels: int | None = None
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """RGB image -> pixel_values (t·h·w, C·t·p·p) fp32 and grid (t, h, w) in patches."""
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     h, w = smart_resize(img.height, img.width, p * m, cfg.min_pixels, max_pixels or cfg.max_pixels)

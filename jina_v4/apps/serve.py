@@ -26,14 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .serve_formats import ALIAS, TASKS, Limits, RequestError, answer, parse, prepare
+import torch
+
+from ..model.heads import head_for
+from ..pipeline import encode
+from .common import DEFAULT_MODEL
+from .http_formats import ALIAS, Limits, RequestError, answer, http_tasks, parse, prepare
 
 log = logging.getLogger("jina_v4.serve")
 
 
 @dataclass
 class Job:
-    work: Any  # a list of Items, or (text, spans, task, prompt_name, max_length) for late chunking
+    work: Any  # a list of Items, or (item, chunk groups) for late chunking
     key: tuple  # (multivector, dimensions): only jobs with equal keys share an encode call
     cost: int  # tokens + image patches
     future: Future = field(default_factory=Future)
@@ -42,11 +47,18 @@ class Job:
 class Worker:
     """The one thread that calls the model. It takes the oldest waiting job, adds the later waiting jobs of the
     same key while the total cost stays within `max_tokens` and the count within `max_requests`, runs one
-    `encode_items` over all their items and hands each job its own slice. A late-chunking job runs alone."""
+    `pipeline.encode` over all their items and hands each job its own slice. A late-chunking job runs alone."""
 
-    def __init__(self, model, deterministic: bool = False, max_requests: int = 64, max_tokens: int | None = None,
-                 max_queued: int = 1024):
+    def __init__(
+        self,
+        model,
+        deterministic: bool = False,
+        max_requests: int = 64,
+        max_tokens: int | None = None,
+        max_queued: int = 1024,
+    ):
         self.model, self.deterministic, self.max_requests = model, deterministic, max_requests
+        self.dims = model.config.matryoshka_dims
         self.max_tokens, self.max_queued = max_tokens or model.max_batch_tokens, max_queued
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -101,21 +113,22 @@ class Worker:
             job.future.set_result(result)
 
     def encode(self, group: list[Job]) -> list[list]:
-        from .chunking import encode_chunks
+        from .chunking import ChunkPooling
 
         self.calls += 1
         multivector, dimensions = group[0].key
-        if not isinstance(group[0].work, list):
-            text, spans, task, prompt_name, max_length = group[0].work
-            vecs, _ = encode_chunks(self.model, text, spans, task, prompt_name, max_length, dimensions,
-                                    deterministic=self.deterministic)
-            return [[v.numpy() for v in vecs]]
-        out = self.model.encode_items([it for job in group for it in job.work], return_multivector=multivector,
-                                      truncate_dim=dimensions, deterministic=self.deterministic)
-        vecs, results, start = [v.numpy() for v in out], [], 0
+        if isinstance(group[0].work, list):
+            items, head = [it for job in group for it in job.work], head_for(multivector, dimensions, self.dims)
+        else:
+            items, head = [group[0].work[0]], ChunkPooling(group[0].work[1], dimensions)
+        with torch.inference_mode():
+            out = encode(self.model, items, head, deterministic=self.deterministic)
+        vecs = [v.cpu().numpy() for v in (out if isinstance(group[0].work, list) else out[0])]
+        results, start = [], 0
         for job in group:
-            results.append(vecs[start:start + len(job.work)])
-            start += len(job.work)
+            n = len(job.work) if isinstance(job.work, list) else len(vecs)
+            results.append(vecs[start : start + n])
+            start += n
         return results
 
     def close(self) -> None:
@@ -126,9 +139,18 @@ class Worker:
         self.thread.join()
 
 
-def create_app(model, name: str, limits: Limits | None = None, api_key: str | None = None,
-               task: str = "text-matching", deterministic: bool = False, max_batch_requests: int = 64,
-               max_batch_tokens: int | None = None, max_queued: int = 1024, prepare_threads: int = 4):
+def create_app(
+    model,
+    name: str,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    task: str = "text-matching",
+    deterministic: bool = False,
+    max_batch_requests: int = 64,
+    max_batch_tokens: int | None = None,
+    max_queued: int = 1024,
+    prepare_threads: int = 4,
+):
     """The ASGI app serving `model` under `name` (and "jina-embeddings-v4"); its worker starts now and stops
     when the app's lifespan ends, after the requests in flight are answered."""
     import anyio
@@ -140,10 +162,13 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
     limits = limits or Limits()
     names = list(dict.fromkeys([ALIAS, name, Path(name).name]))
     # Deterministic: requests are packed as usual, and each answer is the offline API's on the same inputs
-    # bit for bit, whatever shared its model call (modes.py).
+    # bit for bit, whatever shared its model call (execution.py).
     worker = Worker(model, deterministic, max_batch_requests, max_batch_tokens, max_queued)
     limiter = anyio.CapacityLimiter(prepare_threads)  # threads reading inputs and writing answers: bounds memory
     state = {"received": 0, "in_flight": 0}
+    tasks = http_tasks(model.tasks)
+    if task not in tasks:
+        raise ValueError(f"task={task!r}: the checkpoint's tasks are {list(tasks)}")
     key = f"Bearer {api_key}".encode() if api_key else None
 
     def refuse(e: RequestError) -> JSONResponse:
@@ -177,12 +202,13 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
         state["in_flight"] += 1
         try:
             check_key(request)
-            req = parse(await read_json(request), names, model.config.matryoshka_dims, task, limits)
-            work, tokens = await anyio.to_thread.run_sync(prepare, req, model.processor, limits, limiter=limiter)
+            req = parse(await read_json(request), names, model.config.matryoshka_dims, task, limits, tasks)
+            work, tokens = await anyio.to_thread.run_sync(prepare, req, model, limits, tasks, limiter=limiter)
             cost = sum(it.cost for it in work) if isinstance(work, list) else tokens
             vectors = await asyncio.wrap_future(worker.submit(Job(work, (req.multivector, req.dimensions), cost)))
-            body = await anyio.to_thread.run_sync(lambda: json.dumps(answer(req, vectors, tokens)).encode(),
-                                                  limiter=limiter)
+            body = await anyio.to_thread.run_sync(
+                lambda: json.dumps(answer(req, vectors, tokens)).encode(), limiter=limiter
+            )
             return Response(body, media_type="application/json")
         except RequestError as e:
             return refuse(e)
@@ -193,16 +219,28 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
             state["in_flight"] -= 1
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": name, **state, "queued": len(worker.pending),
-                             "model_calls": worker.calls, "requests": worker.requests})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": name,
+                **state,
+                "queued": len(worker.pending),
+                "model_calls": worker.calls,
+                "requests": worker.requests,
+            }
+        )
 
     async def models(request):
         try:
             check_key(request)
         except RequestError as e:
             return refuse(e)
-        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "created": 0,
-                                                         "owned_by": "jina_v4"} for n in names]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "created": 0, "owned_by": "jina_v4"} for n in names],
+            }
+        )
 
     async def http_error(request, e: HTTPException):  # 404, 405 as JSON too
         return refuse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
@@ -212,10 +250,17 @@ def create_app(model, name: str, limits: Limits | None = None, api_key: str | No
         yield
         await anyio.to_thread.run_sync(worker.close)
 
-    app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]),
-                            Route("/embeddings", embeddings, methods=["POST"]),
-                            Route("/health", health), Route("/v1/models", models), Route("/models", models)],
-                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/embeddings", embeddings, methods=["POST"]),
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/models", models),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
     app.state.worker = worker
     return app
 
@@ -228,8 +273,6 @@ def positive(text: str) -> int:
 
 def add_parser(sub) -> None:
     """The `serve` subcommand's options (called from cli.parser)."""
-    from .cli import DEFAULT_MODEL
-
     d = Limits()
     p = sub.add_parser("serve", help="serve POST /v1/embeddings (Jina and OpenAI formats) with dynamic batching")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
@@ -237,26 +280,51 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
-    p.add_argument("--task", default="text-matching", choices=list(TASKS),
-                   help="the task of requests that name none (default text-matching)")
-    p.add_argument("--api-key", default=os.environ.get("JINA_V4_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $JINA_V4_API_KEY, else no key)")
+    p.add_argument(
+        "--task",
+        default="text-matching",
+        help="the task of requests that name none, as requests name them (default text-matching; the "
+        "release's are retrieval.query, retrieval.passage, text-matching, code.query, code.passage)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("JINA_V4_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $JINA_V4_API_KEY, else no key)",
+    )
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (refused by default)")
     p.add_argument("--url-timeout", type=float, default=d.url_timeout, help="seconds per image download")
-    p.add_argument("--deterministic", action="store_true",
-                   help="answers equal the offline API's bit for bit, whatever shares their batch")
-    for flag, help_ in (("max_items", "inputs per request"), ("max_tokens", "tokens per request"),
-                        ("max_length", "tokens per input (cut, or refused with truncate=false)"),
-                        ("max_body_bytes", "request body bytes (also the cap on one downloaded image)"),
-                        ("max_image_pixels", "decoded image width x height")):
-        p.add_argument("--" + flag.replace("_", "-"), type=positive, default=getattr(d, flag),
-                       help=f"{help_} (default {getattr(d, flag)})")
-    p.add_argument("--max-batch-requests", type=positive, default=64,
-                   help="requests packed into one model call (default 64; 1 turns batching off)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="answers equal the offline API's bit for bit, whatever shares their batch",
+    )
+    for flag, help_ in (
+        ("max_items", "inputs per request"),
+        ("max_tokens", "tokens per request"),
+        ("max_length", "tokens per input (cut, or refused with truncate=false)"),
+        ("max_body_bytes", "request body bytes (also the cap on one downloaded image)"),
+        ("max_image_pixels", "decoded image width x height"),
+    ):
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=positive,
+            default=getattr(d, flag),
+            help=f"{help_} (default {getattr(d, flag)})",
+        )
+    p.add_argument(
+        "--max-batch-requests",
+        type=positive,
+        default=64,
+        help="requests packed into one model call (default 64; 1 turns batching off)",
+    )
     p.add_argument("--max-batch-tokens", type=positive, help="token budget of one packed call (default 16384)")
     p.add_argument("--max-queued", type=positive, default=1024, help="waiting requests before 503 (default 1024)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds to finish the requests in flight on SIGTERM (default 30)")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to finish the requests in flight on SIGTERM (default 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
 
@@ -273,19 +341,38 @@ def run(args) -> None:
         # spinning cut throughput up to 10x; NOTES.md, "Serving").
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, "-m", "jina_v4", *sys.argv[1:]])
-    from .model import JinaV4
+    from ..model import JinaV4
 
     model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    limits = Limits(args.max_items, args.max_tokens, args.max_length, args.max_body_bytes, args.max_image_pixels,
-                    args.allow_urls, args.url_timeout)
-    app = create_app(model, str(args.model), limits, args.api_key, args.task, args.deterministic,
-                     args.max_batch_requests, args.max_batch_tokens, args.max_queued)
+    limits = Limits(
+        args.max_items,
+        args.max_tokens,
+        args.max_length,
+        args.max_body_bytes,
+        args.max_image_pixels,
+        args.allow_urls,
+        args.url_timeout,
+    )
+    app = create_app(
+        model,
+        str(args.model),
+        limits,
+        args.api_key,
+        args.task,
+        args.deterministic,
+        args.max_batch_requests,
+        args.max_batch_tokens,
+        args.max_queued,
+    )
     family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.create_server((args.host, args.port), family=family)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    print(f"jina-v4 serve: {args.model} on http://{host}:{port} (POST /v1/embeddings, GET /health, GET /v1/models)",
-          file=sys.stderr, flush=True)
+    print(
+        f"jina-v4 serve: {args.model} on http://{host}:{port} (POST /v1/embeddings, GET /health, GET /v1/models)",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again under the handlers found here:
     # these make that a normal exit (status 0) instead of a kill or a KeyboardInterrupt.
     for sig in (signal.SIGTERM, signal.SIGINT):

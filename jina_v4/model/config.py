@@ -13,9 +13,10 @@ import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 
 class ConfigError(ValueError):
@@ -34,8 +35,11 @@ def _check(value: Any, tp: Any, file: str, key: str) -> Any:
         return tuple(_check(v, args[0], file, f"{key}[{i}]") for i, v in enumerate(value))
     elif tp is float and number:
         return float(value)
-    elif (tp is type(None) and value is None) or (tp is int and number and isinstance(value, int)) or (
-            tp not in (int, float) and isinstance(tp, type) and isinstance(value, tp)):
+    elif (
+        (tp is type(None) and value is None)
+        or (tp is int and number and isinstance(value, int))
+        or (tp not in (int, float) and isinstance(tp, type) and isinstance(value, tp))
+    ):
         return value
     raise ConfigError(f"{file}: key '{key}' should be {_name(tp)}, got {value!r}")
 
@@ -86,6 +90,34 @@ def read_json(path: Path) -> dict:
 def check_truncate_dim(truncate_dim: int | None, dims: tuple[int, ...]) -> None:
     if truncate_dim is not None and truncate_dim not in dims:
         raise ValueError(f"truncate_dim={truncate_dim!r} is not one of the Matryoshka dims {list(dims)}")
+
+
+PROMPT_NAMES = ("query", "passage")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: its LoRA adapter (by name) and its prompt rule, the prefix put before a text for each prompt name.
+    A symmetric task (text-matching) puts the same prefix on both sides."""
+
+    name: str
+    query: str = "Query: "
+    passage: str = "Passage: "
+
+    @property
+    def symmetric(self) -> bool:
+        return self.query == self.passage
+
+    def prompt(self, text: str, prompt_name: str) -> str:
+        if prompt_name not in PROMPT_NAMES:
+            raise ValueError(f"prompt_name={prompt_name!r} is not one of {list(PROMPT_NAMES)}")
+        return (self.query if prompt_name == "query" else self.passage) + text
+
+
+# The released config.json holds no prompt rules: its remote code hard-codes them, text-matching with the query
+# prefix on both sides and every other task "Query: " / "Passage: ". Checkpoints jina_v4 saves write every task's
+# rule under `task_prompts`, which overrides these.
+RELEASED_PROMPTS = {"text-matching": {"query": "Query: ", "passage": "Query: "}}
 
 
 @dataclass(frozen=True)
@@ -147,10 +179,33 @@ class JinaV4Config:
     matryoshka_dims: tuple[int, ...]
     multi_vector_projector_dim: int
     torch_dtype: str = "bfloat16"
-    truncate_dim: Optional[int] = None
+    truncate_dim: int | None = None
+    task_prompts: dict = field(default_factory=dict)  # jina_v4's key: task -> {"query": prefix, "passage": prefix}
+
+    @property
+    def tasks(self) -> dict[str, Task]:
+        """Every task of the checkpoint with its prompt rule."""
+        rules = {**RELEASED_PROMPTS, **self.task_prompts}
+        return {name: Task(name, **rules.get(name, {})) for name in self.task_names}
+
+    def tasks_for(self, task: str | Task | Sequence | None, n: int) -> list[Task]:
+        """One Task per input: a name (or Task) for all n inputs, or a list of n."""
+        known = self.tasks
+        if task is None:
+            raise ValueError(f"no task given: pass task=... or set model.task to one of {list(known)}")
+        tasks = [task] * n if isinstance(task, (str, Task)) else list(task)
+        if len(tasks) != n:
+            raise ValueError(f"task: got {len(tasks)} tasks for {n} inputs")
+        out = []
+        for t in tasks:
+            name = t.name if isinstance(t, Task) else t
+            if name not in known:
+                raise ValueError(f"unknown task {name!r}: valid tasks are {list(known)}")
+            out.append(known[name])
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict, file: str = "config.json") -> "JinaV4Config":
+    def from_dict(cls, data: dict, file: str = "config.json") -> JinaV4Config:
         data = dict(data)
         arch = (data.get("architectures") or ["?"])[0]
         if "task_names" not in data and arch != "JinaEmbeddingsV4Model":
@@ -171,26 +226,48 @@ class JinaV4Config:
             raise ConfigError(f"{file}: key 'text_config.rope_scaling.mrope_section' should be a list of int")
         checks = [
             (t.hidden_size % t.num_attention_heads == 0, "text_config.num_attention_heads", "must divide hidden_size"),
-            (t.num_attention_heads % t.num_key_value_heads == 0, "text_config.num_key_value_heads",
-             "must divide num_attention_heads"),
+            (
+                t.num_attention_heads % t.num_key_value_heads == 0,
+                "text_config.num_key_value_heads",
+                "must divide num_attention_heads",
+            ),
             (2 * sum(mrope) == t.head_dim, "text_config.rope_scaling.mrope_section", "must sum to head_dim / 2"),
             (t.hidden_act == "silu", "text_config.hidden_act", "must be 'silu'"),
             (v.hidden_act == "silu", "vision_config.hidden_act", "must be 'silu'"),
-            (v.hidden_size % v.num_heads == 0 and v.head_dim % 2 == 0, "vision_config.num_heads",
-             "must divide hidden_size into an even head dim"),
-            (v.window_size % (v.patch_size * v.spatial_merge_size) == 0, "vision_config.window_size",
-             "must be a multiple of patch_size * spatial_merge_size"),
-            (all(0 <= i < v.depth for i in v.fullatt_block_indexes), "vision_config.fullatt_block_indexes",
-             "must index blocks below depth"),
+            (
+                v.hidden_size % v.num_heads == 0 and v.head_dim % 2 == 0,
+                "vision_config.num_heads",
+                "must divide hidden_size into an even head dim",
+            ),
+            (
+                v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
+                "vision_config.window_size",
+                "must be a multiple of patch_size * spatial_merge_size",
+            ),
+            (
+                all(0 <= i < v.depth for i in v.fullatt_block_indexes),
+                "vision_config.fullatt_block_indexes",
+                "must index blocks below depth",
+            ),
             (len(self.task_names) > 0, "task_names", "must not be empty"),
-            (all(0 < d <= t.hidden_size for d in self.matryoshka_dims), "matryoshka_dims",
-             "must lie in 1..hidden_size"),
+            (
+                all(0 < d <= t.hidden_size for d in self.matryoshka_dims),
+                "matryoshka_dims",
+                "must lie in 1..hidden_size",
+            ),
         ]
         require(checks, file)
         try:
             check_truncate_dim(self.truncate_dim, self.matryoshka_dims)
         except ValueError as e:
             raise ConfigError(f"{file}: {e}") from None
+        for name, rule in self.task_prompts.items():
+            fine = isinstance(rule, dict) and set(rule) == set(PROMPT_NAMES)
+            if not (fine and all(isinstance(v, str) for v in rule.values()) and name in self.task_names):
+                raise ConfigError(
+                    f"{file}: key 'task_prompts.{name}' should be a task of 'task_names' mapped to "
+                    '{"query": prefix, "passage": prefix}'
+                )
 
 
 @dataclass(frozen=True)
@@ -213,7 +290,7 @@ class AdapterConfig:
     alpha_pattern: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict, file: str = "adapters/adapter_config.json") -> "AdapterConfig":
+    def from_dict(cls, data: dict, file: str = "adapters/adapter_config.json") -> AdapterConfig:
         cfg = parse(cls, data, file)
         unsupported = [
             (cfg.peft_type != "LORA", "peft_type", "must be 'LORA'"),
@@ -263,8 +340,22 @@ class PreprocessorConfig:
     do_rescale: bool = True
     do_normalize: bool = True
 
+    def check_against(self, vision: VisionConfig, file: str, config_file: str) -> None:
+        """The patch, merge and temporal patch sizes must be the vision tower's, or images come out in pieces
+        the tower cannot take."""
+        for key, theirs in (
+            ("patch_size", "patch_size"),
+            ("merge_size", "spatial_merge_size"),
+            ("temporal_patch_size", "temporal_patch_size"),
+        ):
+            if getattr(self, key) != getattr(vision, theirs):
+                raise ConfigError(
+                    f"{file}: key '{key}' is {getattr(self, key)}, but {config_file} has "
+                    f"'vision_config.{theirs}' {getattr(vision, theirs)}; the two must agree"
+                )
+
     @classmethod
-    def from_dict(cls, data: dict, file: str = "preprocessor_config.json") -> "PreprocessorConfig":
+    def from_dict(cls, data: dict, file: str = "preprocessor_config.json") -> PreprocessorConfig:
         data = dict(data)
         size = data.get("size") or {}
         # transformers lets `min_pixels`/`max_pixels` override `size`; either spelling is accepted here.
@@ -273,8 +364,11 @@ class PreprocessorConfig:
         cfg = parse(cls, data, file)
         checks = [
             (cfg.resample == 3, "resample", "must be 3 (bicubic)"),
-            (cfg.do_convert_rgb and cfg.do_resize and cfg.do_rescale and cfg.do_normalize, "do_resize",
-             "the do_* switches must all be true"),
+            (
+                cfg.do_convert_rgb and cfg.do_resize and cfg.do_rescale and cfg.do_normalize,
+                "do_resize",
+                "the do_* switches must all be true",
+            ),
             (len(cfg.image_mean) == 3 and len(cfg.image_std) == 3, "image_mean", "mean and std need 3 values"),
             (0 < cfg.min_pixels <= cfg.max_pixels, "min_pixels", "must be positive and at most max_pixels"),
         ]
@@ -290,11 +384,10 @@ class TokenizerConfig:
     add_bos_token: bool = False
 
     @classmethod
-    def from_dict(cls, data: dict, file: str = "tokenizer_config.json") -> "TokenizerConfig":
+    def from_dict(cls, data: dict, file: str = "tokenizer_config.json") -> TokenizerConfig:
         data = dict(data)
         if isinstance(data.get("pad_token"), dict):  # serialized AddedToken
             data["pad_token"] = data["pad_token"].get("content")
         cfg = parse(cls, data, file)
-        require([(not cfg.add_bos_token, "add_bos_token", "must be false (the model was trained without BOS)")],
-                file)
+        require([(not cfg.add_bos_token, "add_bos_token", "must be false (the model was trained without BOS)")], file)
         return cfg

@@ -5,14 +5,16 @@ computed in the context of the whole document. Chunks are sentences, a token bud
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .config import check_truncate_dim
-from .heads import accumulation_dtype, matryoshka
-from .processing import MAX_TEXT_TOKENS, checked_text, text_prompt
+from ..model.config import check_truncate_dim
+from ..model.heads import matryoshka, mean_rows
+from ..model.processing import MAX_TEXT_TOKENS, checked_text
+from ..pipeline import encode
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -38,7 +40,7 @@ def anchors(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     characters into several tokens that share the character's offsets."""
     out = []
     for a, b in offsets:
-        piece = text[max(a, 0):max(b, 0)]
+        piece = text[max(a, 0) : max(b, 0)]
         lead = len(piece) - len(piece.lstrip())
         out.append(max(a, 0) + lead if lead < len(piece) else -1)
     return out
@@ -61,9 +63,9 @@ def chunk_token_mask(anchor: list[int], spans: list[tuple[int, int]]) -> torch.T
     return torch.stack([(at >= a) & (at < b) for a, b in spans])
 
 
-def chunk_spans(text: str, chunks, anchor: list[int], end: int, max_length: int):
+def chunk_spans(text: str, chunks, anchor: list[int], end: int):
     """The chunks' character spans ("sentences", an int token budget, or the caller's (start, end) spans) and
-    their (C, L) token membership; every chunk must keep at least one token."""
+    their (C, L) token membership."""
     if chunks == "sentences":
         spans = sentence_spans(text)
     elif isinstance(chunks, int):
@@ -75,35 +77,63 @@ def chunk_spans(text: str, chunks, anchor: list[int], end: int, max_length: int)
                 raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
     if not spans:
         raise ValueError("the text holds no chunk to embed")
-    mask = chunk_token_mask(anchor, spans)
-    for (a, b), n in zip(spans, mask.sum(1).tolist()):
-        if n == 0:
-            raise ValueError(f"chunk ({a}, {b}) has no tokens left after truncation at max_length={max_length}")
-    return spans, mask
+    return spans, chunk_token_mask(anchor, spans)
 
 
-def pool_chunks(hidden: torch.Tensor, mask: torch.Tensor, truncate_dim: int | None = None) -> torch.Tensor:
-    """(L, D) token states, (C, L) membership -> (C, D) normalised means in at least fp32."""
-    dtype = accumulation_dtype(hidden.dtype)
-    m = mask.to(hidden.device, dtype)
-    return matryoshka(F.normalize((m @ hidden.to(dtype)) / m.sum(1, keepdim=True), dim=-1), truncate_dim)
+class EmptyChunk(ValueError):
+    """A chunk that keeps no token of its own; `chunk` is its number."""
+
+    def __init__(self, chunk: int, span: tuple[int, int], max_length: int):
+        super().__init__(f"chunk {chunk} {span} has no tokens left after truncation at max_length={max_length}")
+        self.chunk = chunk
+
+
+@dataclass(frozen=True)
+class ChunkPooling:
+    """A head (heads.py) for one text: each chunk's normalised mean of its tokens' states, Matryoshka-truncated."""
+
+    groups: list  # per chunk, the token rows it pools
+    truncate_dim: int | None = None
+
+    def __call__(self, model, h: torch.Tensor, batch) -> list[torch.Tensor]:
+        return [matryoshka(F.normalize(mean_rows(h, self.groups), dim=-1), self.truncate_dim)]
+
+
+def chunk_item(model, text: str, chunks, task: str | None, prompt_name: str, max_length: int):
+    """The text as one Item with its token offsets, the chunks' character spans, and each chunk's token rows."""
+    text = checked_text(text, "text")
+    item = model.prepare([{"text": text}], task, prompt_name, max_length, name="text")[0]
+    prefix = model.tasks[item.task].prompt("", prompt_name)
+    offsets = [(a - len(prefix), b - len(prefix)) for a, b in item.offsets]  # of `text`; the prefix's are negative
+    spans, mask = chunk_spans(text, chunks, anchors(text, offsets), offsets[-1][1])
+    return item, spans, [m.nonzero().flatten() for m in mask]
+
+
+def check_chunks(spans: list[tuple[int, int]], groups: list, max_length: int) -> None:
+    """Every chunk must keep a token of its own (EmptyChunk names the first that does not)."""
+    for i, (span, rows) in enumerate(zip(spans, groups)):
+        if len(rows) == 0:
+            raise EmptyChunk(i, span, max_length)
 
 
 @torch.inference_mode()
-def encode_chunks(model, text: str, chunks: str | int | Sequence[tuple[int, int]] = "sentences",
-                  task: str | None = None, prompt_name: str = "passage", max_length: int = MAX_TEXT_TOKENS,
-                  truncate_dim: int | None = None, return_numpy: bool = False, deterministic: bool = False):
+def encode_chunks(
+    model,
+    text: str,
+    chunks: str | int | Sequence[tuple[int, int]] = "sentences",
+    task: str | None = None,
+    prompt_name: str = "passage",
+    max_length: int = MAX_TEXT_TOKENS,
+    truncate_dim: int | None = None,
+    return_numpy: bool = False,
+    deterministic: bool = False,
+):
     """Late chunking with `model`: embed `text` once (up to 32768 tokens), then one single vector per chunk,
     the normalised mean of the chunk's token states. A token belongs to the chunk holding its first
     non-whitespace character (`anchors`); the prefix belongs to none. Returns (C, D) vectors and the spans."""
-    text = checked_text(text, "text")
-    task = model.processor.tasks(task or model.task, 1)[0]
     check_truncate_dim(truncate_dim, model.config.matryoshka_dims)
-    prompt = text_prompt(text, task, prompt_name)
-    item = model.processor.tokenize([prompt], max_length, task)[0]
-    shift = len(prompt) - len(text)
-    offsets = [(a - shift, b - shift) for a, b in item.offsets]  # characters of `text`; the prefix's are negative
-    spans, mask = chunk_spans(text, chunks, anchors(text, offsets), offsets[-1][1], max_length)
-    h = model(model.processor.collate([item]), deterministic=deterministic)
-    vecs = pool_chunks(h, mask, truncate_dim or model.config.truncate_dim).cpu()
+    item, spans, groups = chunk_item(model, text, chunks, task, prompt_name, max_length)
+    check_chunks(spans, groups, max_length)
+    head = ChunkPooling(groups, truncate_dim or model.config.truncate_dim)
+    vecs = encode(model, [item], head, deterministic=deterministic)[0].cpu()
     return (vecs.numpy() if return_numpy else vecs), spans

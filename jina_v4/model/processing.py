@@ -1,35 +1,31 @@
 """Inputs to ready packed batches, as the released `JinaEmbeddingsV4Processor` builds each input.
 
-Text: `"{Query|Passage}: {text}"` through tokenizer.json (no BOS/EOS), cut on the right at max_length.
-Images: `images.image_patches`, with the fixed image prompt around t·h·w/4 `<|image_pad|>` tokens.
-`prepare` turns inputs into `Item`s; `batches` packs items, longest first under a token budget, into `Batch`es
-that hold everything a forward needs: ids, M-RoPE positions, patches and their layout, pooling spans, image
-rows and the task of each row. The model receives a batch and never calls back here.
+Text: the task's prefix (`"Query: "` / `"Passage: "`, config.Task) + text through tokenizer.json (no BOS/EOS),
+cut on the right at max_length. Images: `images.image_patches`, with the fixed image prompt around t·h·w/4
+`<|image_pad|>` tokens. `prepare` turns inputs into `Item`s; `batches` packs items, longest first under a token
+budget, into `Batch`es that hold everything a forward needs (ids, M-RoPE positions, patches and their layout, the
+rows that receive image features, the task of each row) and mark where each input's tokens and its image tokens
+sit. What is pooled from those is the heads' business (heads.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from .config import ConfigError, JinaV4Config, PreprocessorConfig, TokenizerConfig, read_json
+from .config import ConfigError, JinaV4Config, PreprocessorConfig, Task, TokenizerConfig, read_json
 from .images import ImageInput, image_patches, load_image
 from .positions import Segments, VisionLayout, cumulative, rope_index
 
-PREFIXES = {"query": "Query", "passage": "Passage"}
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 MAX_TEXT_TOKENS = 32768  # the reference caps max_length here
-
-
-def text_prompt(text: str, task: str, prompt_name: str) -> str:
-    # text-matching is symmetric: both sides use the query prefix.
-    return f"{PREFIXES['query' if task == 'text-matching' else prompt_name]}: {text}"
 
 
 @dataclass
@@ -58,28 +54,36 @@ class TaskRows(NamedTuple):
 
 @dataclass
 class Batch:
-    """S sequences packed without padding into T tokens; P pooled tokens; the N patches of its images."""
+    """S sequences packed without padding into T tokens, and the N patches of its images."""
 
     index: list[int]  # (S,) the item each sequence came from
     input_ids: torch.Tensor  # (T,)
     position_ids: torch.Tensor  # (3, T) M-RoPE positions
-    seqs: Segments  # sequence boundaries
+    seqs: Segments  # where each sequence's tokens sit
+    images: list[tuple[int, int] | None]  # (S,) per sequence: its vision_start .. vision_end rows (inclusive)
     task: str | TaskRows  # one task, or the task of each row
-    pool_rows: torch.Tensor  # (P,) the tokens the single vectors average
-    pool_seqs: torch.Tensor  # (P,) the sequence each of them belongs to
-    pool_sizes: torch.Tensor  # (S,) tokens pooled per sequence
     image_rows: torch.Tensor  # (N/4,) the tokens that receive image features, in patch-merge order
     pixel_values: torch.Tensor | None = None  # (N, C·t·p·p)
     vision: VisionLayout | None = None
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
+        if self.input_ids.device == device and (isinstance(self.task, str) or self.task.masks.dtype == dtype):
+            return self
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
         task = self.task if isinstance(self.task, str) else TaskRows(self.task.names, self.task.masks.to(device, dtype))
-        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
-                       seqs=self.seqs.to(device), task=task, pool_rows=move(self.pool_rows),
-                       pool_seqs=move(self.pool_seqs), pool_sizes=move(self.pool_sizes),
-                       image_rows=move(self.image_rows), pixel_values=move(self.pixel_values),
-                       vision=None if self.vision is None else self.vision.to(device))
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            position_ids=move(self.position_ids),
+            seqs=self.seqs.to(device),
+            task=task,
+            image_rows=move(self.image_rows),
+            pixel_values=move(self.pixel_values),
+            vision=None if self.vision is None else self.vision.to(device),
+        )
 
 
 def token_batches(items: list[Item], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
@@ -92,8 +96,8 @@ def token_batches(items: list[Item], max_tokens: int, batch_size: int | None = N
     used = longest = 0
     for i in sorted(range(len(items)), key=lambda i: -items[i].cost):
         n = len(items[i].input_ids)
-        if (not batches or used + items[i].cost > max_tokens or len(batches[-1]) == batch_size
-                or (len(batches[-1]) + 1) * max(longest, n) > max_tokens):
+        full = batches and (used + items[i].cost > max_tokens or len(batches[-1]) == batch_size)
+        if not batches or full or (len(batches[-1]) + 1) * max(longest, n) > max_tokens:
             batches.append([])
             used = longest = 0
         batches[-1].append(i)
@@ -102,27 +106,38 @@ def token_batches(items: list[Item], max_tokens: int, batch_size: int | None = N
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, config: JinaV4Config, image_cfg: PreprocessorConfig,
-                 tokenizer_cfg: TokenizerConfig):
-        self.tokenizer, self.config, self.image_cfg = tokenizer, config, image_cfg
+    def __init__(
+        self, tokenizer: Tokenizer, config: JinaV4Config, image_cfg: PreprocessorConfig, tokenizer_cfg: TokenizerConfig
+    ):
+        self.tokenizer, self.image_cfg = tokenizer, image_cfg
         tokenizer.no_truncation()  # truncation is per call (`tokenize`), never state shared between calls
         tokenizer.no_padding()
-        self.pad_token_id = self._token_id(tokenizer_cfg.pad_token, "tokenizer_config.json: key 'pad_token'")
-        for key, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-                           ("vision_end_token_id", "<|vision_end|>")):
+        self._token_id(tokenizer_cfg.pad_token, "tokenizer_config.json: key 'pad_token'")
+        for key, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ):
             if self._token_id(token, "tokenizer.json") != getattr(config, key):
-                raise ConfigError(f"config.json: key '{key}' is {getattr(config, key)}, but tokenizer.json "
-                                  f"maps {token} to {tokenizer.token_to_id(token)}")
+                raise ConfigError(
+                    f"config.json: key '{key}' is {getattr(config, key)}, but tokenizer.json "
+                    f"maps {token} to {tokenizer.token_to_id(token)}"
+                )
+        self.image_token_id = config.image_token_id
+        self.vision_start, self.vision_end = config.vision_start_token_id, config.vision_end_token_id
+        v = config.vision_config
+        self.window = v.window_size // v.spatial_merge_size // v.patch_size  # in merge units
         self.image_prompt = self.tokenize([IMAGE_PROMPT])[0].input_ids
 
     @classmethod
-    def from_dir(cls, path: Path, config: JinaV4Config) -> "Processor":
+    def from_dir(cls, path: Path, config: JinaV4Config) -> Processor:
         try:
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
-        return cls(tokenizer, config, PreprocessorConfig.from_dict(read_json(path / "preprocessor_config.json")),
-                   TokenizerConfig.from_dict(read_json(path / "tokenizer_config.json")))
+        image_cfg = PreprocessorConfig.from_dict(read_json(path / "preprocessor_config.json"))
+        image_cfg.check_against(config.vision_config, str(path / "preprocessor_config.json"), str(path / "config.json"))
+        return cls(tokenizer, config, image_cfg, TokenizerConfig.from_dict(read_json(path / "tokenizer_config.json")))
 
     def _token_id(self, token: str, where: str) -> int:
         i = self.tokenizer.token_to_id(token)
@@ -130,70 +145,69 @@ class Processor:
             raise ConfigError(f"{where}: token {token!r} is not in the vocabulary")
         return i
 
-    def tasks(self, task: str | Sequence[str] | None, n: int) -> list[str]:
-        names = list(self.config.task_names)
-        if task is None:
-            raise ValueError(f"no task given: pass task=... or set model.task to one of {names}")
-        tasks = [task] * n if isinstance(task, str) else list(task)
-        if len(tasks) != n:
-            raise ValueError(f"task: got {len(tasks)} tasks for {n} inputs")
-        for t in tasks:
-            if t not in names:
-                raise ValueError(f"unknown task {t!r}: valid tasks are {names}")
-        return tasks
-
     def tokenize(self, prompts: list[str], max_length: int = MAX_TEXT_TOKENS, task: str = "") -> list[Item]:
         """Prompts -> Items (ids and character offsets), cut on the right at min(max_length, 32768) exactly as
         the tokenizer's own truncation would cut them (no special tokens are added)."""
         if not (isinstance(max_length, int) and max_length > 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         n = min(max_length, MAX_TEXT_TOKENS)
-        return [Item(e.ids[:n], task, dropped=max(0, len(e.ids) - n), offsets=e.offsets[:n])
-                for e in self.tokenizer.encode_batch(prompts, add_special_tokens=True)]
+        return [
+            Item(e.ids[:n], task, dropped=max(0, len(e.ids) - n), offsets=e.offsets[:n])
+            for e in self.tokenizer.encode_batch(prompts, add_special_tokens=True)
+        ]
 
     def image_item(self, image: ImageInput, task: str, max_pixels: int | None = None) -> Item:
         pixels, grid = image_patches(load_image(image), self.image_cfg, max_pixels)
-        pad, n = self.config.image_token_id, grid[0] * grid[1] * grid[2] // self.image_cfg.merge_size**2
+        pad, n = self.image_token_id, grid[0] * grid[1] * grid[2] // self.image_cfg.merge_size**2
         i = self.image_prompt.index(pad)
-        return Item(self.image_prompt[:i] + [pad] * n + self.image_prompt[i + 1:], task, pixels, grid)
+        return Item(self.image_prompt[:i] + [pad] * n + self.image_prompt[i + 1 :], task, pixels, grid)
 
-    def prepare(self, inputs: Sequence[str | ImageInput | dict], task: str | Sequence[str] | None,
-                prompt_name: str | None = None, max_length: int = MAX_TEXT_TOKENS, max_pixels: int | None = None,
-                errors: str = "raise", name: str = "inputs") -> list[Any]:
-        """Inputs -> one `Item` each. A str is text; a PIL image, Path or bytes is an image; {"text": s} and
-        {"image": path_or_url} say it explicitly. A bad input raises an error naming it (`inputs[3] ('...'):
-        ...`), or with errors="return" stands in the list as its exception. A text over max_length is cut on
-        the right, with a warning."""
+    def prepare(
+        self,
+        inputs: Sequence[str | ImageInput | dict],
+        tasks: Sequence[Task],
+        prompt_name: str = "query",
+        max_length: int = MAX_TEXT_TOKENS,
+        max_pixels: int | None = None,
+        errors: str = "raise",
+        name: str = "inputs",
+    ) -> list[Any]:
+        """Inputs -> one `Item` each, inputs[i] under tasks[i] (config.Task: its adapter and prompt rule). A str is
+        text; a PIL image, Path or bytes is an image; {"text": s} and {"image": path_or_url} say it explicitly. A
+        bad input raises an error naming it (`inputs[3] ('...'): ...`), or with errors="return" stands in the list
+        as its exception. A text over max_length is cut on the right, with a warning."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r} is not 'raise' or 'return'")
-        prompt_name = prompt_name or "query"
-        if prompt_name not in PREFIXES:
-            raise ValueError(f"prompt_name={prompt_name!r} is not one of {list(PREFIXES)}")
-        inputs = as_list(inputs, name)
-        tasks = self.tasks(task, len(inputs))
         texts: dict[int, str] = {}
+        prompts: list[str] = []
         items: list[Any] = [None] * len(inputs)
         for i, x in enumerate(inputs):
             kind, value = next(iter(x.items())) if isinstance(x, dict) and len(x) == 1 else (None, x)
             try:
                 if kind == "text" or (kind is None and isinstance(x, str)):
-                    texts[i] = text_prompt(checked_text(value, f"{name}[{i}]"), tasks[i], prompt_name)
+                    texts[i] = checked_text(value, f"{name}[{i}]")
+                    prompts.append(tasks[i].prompt(texts[i], prompt_name))
                 elif kind == "image" or (kind is None and isinstance(x, (Image.Image, Path, bytes))):
                     try:
-                        items[i] = self.image_item(value, tasks[i], max_pixels)
+                        items[i] = self.image_item(value, tasks[i].name, max_pixels)
                     except Exception as e:
                         raise InputError(f"{name}[{i}]", value, f"{type(e).__name__}: {e}") from e
+                elif kind in ("video", "audio"):
+                    raise TypeError(f"{name}[{i}] is a {kind}: jina-embeddings-v4 embeds texts and still images only")
                 else:
                     raise TypeError(f"{name}[{i}] is neither text nor an image: {describe(x)}")
             except (TypeError, ValueError) as e:
                 if errors == "raise":
                     raise
                 items[i] = e
-        for i, item in zip(texts, self.tokenize(list(texts.values()), max_length)):
-            items[i] = replace(item, task=tasks[i])
+        for i, item in zip(texts, self.tokenize(prompts, max_length)):
+            items[i] = replace(item, task=tasks[i].name)
             if item.dropped:
-                warnings.warn(f"{name}[{i}] ({describe(texts[i].split(': ', 1)[1])}): {item.dropped} tokens past "
-                              f"max_length={min(max_length, MAX_TEXT_TOKENS)} were dropped", stacklevel=3)
+                warnings.warn(
+                    f"{name}[{i}] ({describe(texts[i])}): {item.dropped} tokens past "
+                    f"max_length={min(max_length, MAX_TEXT_TOKENS)} were dropped",
+                    stacklevel=4,
+                )
         return items
 
     def batches(self, items: list[Item], max_tokens: int, batch_size: int | None = None) -> Iterator[Batch]:
@@ -202,17 +216,19 @@ class Processor:
 
     def collate(self, items: list[Item], index: list[int] | None = None) -> Batch:
         """Items -> one packed Batch (`index`: the items' numbers in the caller's list, default 0..S-1)."""
-        cfg, merge = self.config, self.image_cfg.merge_size
+        merge = self.image_cfg.merge_size
         seqs = Segments(cumulative([len(it.input_ids) for it in items]))
-        positions, pool = [], []
-        for it, start in zip(items, seqs.cu):
-            if it.grid is None:  # text: 1-D positions, pool every token
+        positions, images = [], []
+        for it in items:
+            if it.grid is None:  # text: 1-D positions
                 positions.append(torch.arange(len(it.input_ids)).expand(3, -1))
-                pool.append(torch.arange(len(it.input_ids)) + start)
-            else:  # image: 3-D positions, pool vision_start .. vision_end inclusive
-                positions.append(rope_index(it.input_ids, [it.grid], cfg.image_token_id, merge))
-                a = it.input_ids.index(cfg.vision_start_token_id)
-                pool.append(torch.arange(a, it.input_ids.index(cfg.vision_end_token_id, a) + 1) + start)
+                images.append(None)
+                continue
+            if it.grid[0] != 1:
+                raise ValueError(f"an image of {it.grid[0]} temporal patches: video is not supported")
+            positions.append(rope_index(it.input_ids, [it.grid], self.image_token_id, merge))
+            a = it.input_ids.index(self.vision_start)
+            images.append((a, it.input_ids.index(self.vision_end, a)))
         ids = torch.tensor([t for it in items for t in it.input_ids], dtype=torch.long)
         names = sorted({it.task for it in items})
         if len(names) == 1:
@@ -221,21 +237,17 @@ class Processor:
             seq_task = torch.tensor([names.index(it.task) for it in items])
             rows = torch.repeat_interleave(seq_task, torch.tensor(seqs.lengths))
             task = TaskRows(names, (rows[:, None] == torch.arange(len(names))).float())
-        images = [it for it in items if it.grid is not None]
-        v = cfg.vision_config
+        pictures = [it for it in items if it.grid is not None]
         return Batch(
             index=list(range(len(items))) if index is None else index,
             input_ids=ids,
             position_ids=torch.cat(positions, dim=1),
             seqs=seqs,
+            images=images,
             task=task,
-            pool_rows=torch.cat(pool),
-            pool_seqs=torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(p) for p in pool])),
-            pool_sizes=torch.tensor([len(p) for p in pool]),
-            image_rows=(ids == cfg.image_token_id).nonzero().flatten(),
-            pixel_values=torch.cat([it.pixel_values for it in images]) if images else None,
-            vision=VisionLayout([it.grid for it in images], v.window_size // merge // v.patch_size, merge)
-            if images else None,
+            image_rows=(ids == self.image_token_id).nonzero().flatten(),
+            pixel_values=torch.cat([it.pixel_values for it in pictures]) if pictures else None,
+            vision=VisionLayout([it.grid for it in pictures], self.window, merge) if pictures else None,
         )
 
 

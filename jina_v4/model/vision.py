@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .layers import GELU, MLP, Linear, RMSNorm, attention, residual
-from .modes import rowwise
+from .layers import MLP, RMSNorm, attention
 from .positions import Segments, VisionLayout, apply_rope, vision_cos_sin
 
 
@@ -29,17 +28,17 @@ class PatchEmbed(nn.Module):
         # fp32); it is under 1% of the tower's FLOPs.
         w = self.proj.weight
         x = x.to(w.dtype).view(-1, *w.shape[1:])  # (N, C) -> (N, in_channels, t, p, p)
-        return rowwise(self.proj, x).view(x.shape[0], -1)  # (N, E)
+        return self.proj(x).view(x.shape[0], -1)  # (N, E)
 
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, seqs: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: Segments) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x (N, heads, d)
         # The reference applies the vision rotary in fp32 (cos and sin are fp32 or float64) and casts back.
@@ -55,9 +54,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, seqs: Segments) -> torch.Tensor:
-        x = residual(x, self.attn(self.norm1(x), cos, sin, seqs))
-        return residual(x, self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, seqs)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
@@ -65,7 +64,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         dim = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
-        self.mlp = nn.Sequential(Linear(dim, dim), GELU(), Linear(dim, cfg.out_hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.out_hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # (N, E) -> (U, 4E) -> (U, D)

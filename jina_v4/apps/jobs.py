@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processing import Item, preview
+from ..model.heads import head_for
+from ..model.processing import preview
+from ..pipeline import encode
+from .common import atomic_write, error_policy, write_jsonl
 
 SUFFIXES = (".npy", ".safetensors", ".jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -85,23 +87,21 @@ class Job:
 
     def encode(self, start: int, stop: int) -> tuple[list[int], list[torch.Tensor], list[dict]]:
         """Inputs start..stop -> (indices embedded, their vectors, skipped records)."""
-        s = self.settings
-        items = self.model.processor.prepare(self.inputs[start:stop], self.model.task, s["prompt_name"],
-                                             max_pixels=s["max_pixels"], errors="return")
-        ok, skipped = [], []
-        for j, it in enumerate(items):
-            if isinstance(it, Item):
-                ok.append(j)
-                continue
-            record = {"index": start + j, "input": self.labels[start + j], "error": getattr(it, "reason", str(it))}
-            if self.on_error == "fail":
-                raise JobError(f"input {record['index']} ({preview(record['input'], 100)}): {record['error']}")
-            skipped.append(record)
-        vecs = self.model.encode_items([items[j] for j in ok], batch_size=self.batch_size,
-                                       return_multivector=s["multivector"], truncate_dim=s["truncate_dim"],
-                                       deterministic=s["deterministic"])
+        s, model = self.settings, self.model
+        items = model.prepare(
+            self.inputs[start:stop], model.task, s["prompt_name"], max_pixels=s["max_pixels"], errors="return"
+        )
+        head = head_for(s["multivector"], s["truncate_dim"], model.config.matryoshka_dims)
+        with torch.inference_mode():
+            results = encode(model, items, head, self.batch_size, s["deterministic"], errors="return")
+        numbers = range(start, stop)
+        records = error_policy(
+            results, [f"input {i}" for i in numbers], self.labels[start:stop], self.on_error, JobError
+        )
+        ok = [j for j, r in enumerate(records) if r is None]
         self.tokens += sum(len(items[j].input_ids) for j in ok)
-        return [start + j for j in ok], list(vecs), skipped
+        skipped = [{"index": start + j, **r} for j, r in enumerate(records) if r is not None]
+        return [start + j for j in ok], [results[j].cpu() for j in ok], skipped
 
     def progress(self, done: int = 0):
         from tqdm import tqdm
@@ -110,26 +110,22 @@ class Job:
         return tqdm(total=len(self.inputs), initial=done, unit="item", disable=quiet, file=sys.stderr)
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def json_lines(index: list[int], labels: list[str], vectors: list):
     for i, lab, v in zip(index, labels, vectors):
         yield json.dumps({"index": i, "input": lab, "embedding": v.tolist()}, ensure_ascii=False) + "\n"
 
 
-def write_vectors(path: Path, index: list[int], labels: list[str], vectors: list, multivector: bool,
-                  meta: dict) -> None:
+def write_vectors(
+    path: Path, index: list[int], labels: list[str], vectors: list, multivector: bool, meta: dict
+) -> None:
     """One output file: .npy (vectors; multi-vectors zero-padded to (N, Lmax, P)), .safetensors (embeddings,
     mask for multi-vectors, index; inputs and settings as metadata) or .jsonl (index, input, embedding)."""
     if path.suffix == ".jsonl":
+
         def write(tmp):
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json_lines(index, labels, vectors))
+
         return atomic_write(path, write)
     if multivector and vectors:
         from .scoring import pad_multivectors
@@ -152,13 +148,6 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def write_report(path: Path, records: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(path, write)
-
-
 def run_to_file(job: Job, output: str | None, report: str | None) -> int:
     """The whole job into one file (or JSON lines on stdout). Returns the number of items embedded."""
     index, vectors, skipped = [], [], []
@@ -176,7 +165,7 @@ def run_to_file(job: Job, output: str | None, report: str | None) -> int:
     job.skipped = skipped
     if skipped:
         if report or output:
-            write_report(Path(report or output + ".skipped.jsonl"), skipped)
+            write_jsonl(Path(report or output + ".skipped.jsonl"), skipped)
         else:
             for r in skipped:
                 print(f"skipped input {r['index']} ({preview(r['input'], 100)}): {r['error']}", file=sys.stderr)
@@ -191,15 +180,20 @@ def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, repor
     if shard_size < 1:
         raise JobError(f"--shard-size must be positive, got {shard_size}")
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = {"inputs": len(job.labels),
-                "fingerprint": hashlib.sha256(json.dumps(job.labels, ensure_ascii=False).encode()).hexdigest(),
-                "settings": {k: job.settings[k] for k in sorted(job.settings)}, "shard_size": shard_size,
-                "suffix": suffix}
+    manifest = {
+        "inputs": len(job.labels),
+        "fingerprint": hashlib.sha256(json.dumps(job.labels, ensure_ascii=False).encode()).hexdigest(),
+        "settings": {k: job.settings[k] for k in sorted(job.settings)},
+        "shard_size": shard_size,
+        "suffix": suffix,
+    }
     mpath = directory / "manifest.json"
     if mpath.exists():
         if json.loads(mpath.read_text()) != manifest:
-            raise JobError(f"{directory} holds a run with other inputs or settings; resume it with the same "
-                           "command, or write to a new directory")
+            raise JobError(
+                f"{directory} holds a run with other inputs or settings; resume it with the same "
+                "command, or write to a new directory"
+            )
     else:
         if any(directory.glob("shard-*")):
             raise JobError(f"{directory} holds shards but no manifest.json; use a new directory")
@@ -216,12 +210,15 @@ def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, repor
             index, vectors, skipped = job.encode(start, stop)
             skip_file = shard[k].with_name(shard[k].stem + ".skipped.jsonl")
             if skipped:  # the side file first: a shard that exists always has its report
-                write_report(skip_file, skipped)
+                write_jsonl(skip_file, skipped)
             if suffix == ".npy":
-                atomic_write(shard[k].with_name(shard[k].stem + ".index.npy"),
-                             partial(save_npy, array=np.array(index, dtype=np.int64)))
-            write_vectors(shard[k], index, [job.labels[i] for i in index], vectors,
-                          job.settings["multivector"], job.settings)
+                atomic_write(
+                    shard[k].with_name(shard[k].stem + ".index.npy"),
+                    partial(save_npy, array=np.array(index, dtype=np.int64)),
+                )
+            write_vectors(
+                shard[k], index, [job.labels[i] for i in index], vectors, job.settings["multivector"], job.settings
+            )
             bar.update(stop - start)
     records = []
     for k in range(n):
@@ -230,7 +227,7 @@ def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, repor
             records += [json.loads(line) for line in skip_file.read_text(encoding="utf-8").splitlines()]
     job.skipped = records
     if records:
-        write_report(Path(report) if report else directory / "skipped.jsonl", records)
+        write_jsonl(Path(report) if report else directory / "skipped.jsonl", records)
     return len(job.inputs) - done, done
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .modes import pointwise
-
 # ---- sequences in a packed batch ---------------------------------------------------------------------------
 
 
-def cumulative(lengths: list[int], start: int = 0) -> list[int]:
-    """[a, b, c] -> [start, start+a, start+a+b, start+a+b+c]: sequence boundaries for packed attention."""
-    out = [start]
+def cumulative(lengths: list[int]) -> list[int]:
+    """[a, b, c] -> [0, a, a+b, a+b+c]: sequence boundaries for packed attention."""
+    out = [0]
     for n in lengths:
         out.append(out[-1] + n)
     return out
@@ -40,10 +38,12 @@ class Segments:
                 self.runs.append([a, 1, n])
         self.cu_t = torch.tensor(cu, dtype=torch.int32)  # (S+1,) for varlen kernels
         # (T,) each token's place in the right-padded (S, max_len) grid, for one padded attention call
-        self.slots = torch.cat([torch.arange(n) + s * self.max_len for s, n in enumerate(self.lengths)]
-                               or [torch.zeros(0, dtype=torch.long)])
+        self.slots = torch.cat(
+            [torch.arange(n) + s * self.max_len for s, n in enumerate(self.lengths)]
+            or [torch.zeros(0, dtype=torch.long)]
+        )
 
-    def to(self, device: torch.device) -> "Segments":
+    def to(self, device: torch.device) -> Segments:
         moved = object.__new__(Segments)
         moved.__dict__.update(self.__dict__)
         moved.cu_t, moved.slots = (t.to(device, non_blocking=True) for t in (self.cu_t, self.slots))
@@ -64,11 +64,12 @@ def rotary_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tens
 def cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., d/2) angles -> cos, sin (..., d) in the half-split layout (each angle serves channels j and j+d/2)."""
     emb = torch.cat((angles, angles), dim=-1)
-    return pointwise(torch.cos, emb).to(dtype), pointwise(torch.sin, emb).to(dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: tuple[int, ...],
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, T) temporal/height/width positions -> cos, sin (T, d). Channel chunks [t, h, w, t, h, w] of sizes
     mrope_section * 2 take their angle from axis i % 3. `dtype` is the hidden dtype: the reference casts
     cos and sin to it (bf16 in the release) before rotating."""
@@ -82,8 +83,9 @@ def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope
 
 
 def vision_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 2) patch (row, column) -> cos, sin (N, d), in at least fp32 (the reference rotates in fp32): the
-    first d/2 channels turn with the row, the next d/2 with the column."""
+    """(N, 2) patch (row, column) -> cos, sin (N, d), in at least fp32 (the reference rotates in fp32). Each half
+    of the channels (the two halves of `rotate_half`) holds d/4 row angles, then d/4 column angles: for d = 80,
+    channels 0-19 and 40-59 turn with the row, 20-39 and 60-79 with the column."""
     compute = torch.promote_types(dtype, torch.float32)
     angles = rotary_angles(positions.to(compute), head_dim // 2, 10000.0).flatten(1)  # (N, 2, d/4) -> (N, d/2)
     return cos_sin(angles, compute)
@@ -102,8 +104,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---- position indices --------------------------------------------------------------------------------------
 
 
-def rope_index(input_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int
-               ) -> torch.Tensor:
+def rope_index(
+    input_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int
+) -> torch.Tensor:
     """Positions (3, L) on the temporal/height/width axes for one unpadded sequence.
 
     Text advances all three axes together. Image i (grid (t, h, w) in patches) occupies the next
@@ -116,9 +119,13 @@ def rope_index(input_ids: list[int], grids: list[tuple[int, int, int]], image_to
         n = ed - st
         blocks.append(torch.arange(n).expand(3, n) + nxt)
         gh, gw = h // merge, w // merge
-        grid = torch.stack([torch.zeros(t * gh * gw, dtype=torch.long),  # time index · second_per_grid_t = 0
-                            torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten(),
-                            torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()])
+        grid = torch.stack(
+            [
+                torch.zeros(t * gh * gw, dtype=torch.long),  # time index · second_per_grid_t = 0
+                torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten(),
+                torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten(),
+            ]
+        )
         blocks.append(grid + nxt + n)
         nxt += n + max(gh, gw)  # the block's maximum + 1
         st = ed + t * gh * gw
@@ -160,7 +167,6 @@ class VisionLayout:
 
     def __init__(self, grids: list[tuple[int, int, int]], window: int, merge: int):
         unit = merge * merge
-        self.grids = grids
         self.positions = torch.cat([vision_positions(g, merge) for g in grids])  # (N, 2)
         index, windows, offset = [], [], 0
         for g in grids:
@@ -172,7 +178,7 @@ class VisionLayout:
         self.windows = Segments(cumulative(windows))  # in patches, window order
         self.images = Segments(cumulative([h * w for t, h, w in grids for _ in range(t)]))
 
-    def to(self, device: torch.device) -> "VisionLayout":
+    def to(self, device: torch.device) -> VisionLayout:
         moved = object.__new__(VisionLayout)
         moved.__dict__.update(self.__dict__)
         moved.positions, moved.index = (t.to(device, non_blocking=True) for t in (self.positions, self.index))

@@ -26,11 +26,31 @@ import numpy as np
 from PIL import Image
 
 ALIAS = "jina-embeddings-v4"  # the hosted model's name; accepted besides the served checkpoint's own
-TASKS = {"retrieval.query": ("retrieval", "query"), "retrieval.passage": ("retrieval", "passage"),
-         "text-matching": ("text-matching", "query"), "code.query": ("code", "query"),
-         "code.passage": ("code", "passage")}  # Jina task -> (adapter, prompt name)
-JINA_FIELDS = ["model", "input", "task", "dimensions", "embedding_type", "return_multivector", "late_chunking",
-               "truncate", "normalized"]
+
+
+def http_tasks(tasks: dict) -> dict[str, tuple[str, str]]:
+    """A checkpoint's tasks (config.Task) under their names in Jina's API -> (task, prompt name): a symmetric task
+    by its name ("text-matching"), the others by name and side ("retrieval.query", "retrieval.passage")."""
+    out = {}
+    for name, task in tasks.items():
+        if task.symmetric:
+            out[name] = (name, "query")
+        else:
+            out.update({f"{name}.{side}": (name, side) for side in ("query", "passage")})
+    return out
+
+
+JINA_FIELDS = [
+    "model",
+    "input",
+    "task",
+    "dimensions",
+    "embedding_type",
+    "return_multivector",
+    "late_chunking",
+    "truncate",
+    "normalized",
+]
 OPENAI_FIELDS = ["model", "input", "encoding_format", "dimensions", "user", "task"]
 EMBEDDING_TYPES = ["float", "base64", "binary", "ubinary"]
 ENCODING_FORMATS = ["float", "base64"]
@@ -64,7 +84,7 @@ class Limits:
 class Request:
     model: str
     inputs: list  # str | {"text": str} | {"image": str} | list[int] (token ids)
-    task: str  # a key of TASKS
+    task: str  # a key of http_tasks(model.tasks)
     dimensions: int | None
     types: list[str]  # encodings of each embedding
     keyed: bool  # types given as a list: `embedding` is an object keyed by type
@@ -79,7 +99,14 @@ def valid(value: Any, choices: list, what: str) -> Any:
     return value
 
 
-def parse(body: Any, names: list[str], dims: tuple[int, ...], default_task: str, limits: Limits) -> Request:
+def parse(
+    body: Any,
+    names: list[str],
+    dims: tuple[int, ...],
+    default_task: str,
+    limits: Limits,
+    tasks: dict[str, tuple[str, str]],
+) -> Request:
     """A decoded JSON body -> a checked Request (fields, values, item count); inputs are read later by `prepare`."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
@@ -88,36 +115,44 @@ def parse(body: Any, names: list[str], dims: tuple[int, ...], default_task: str,
         x = [x]  # one token-id sequence
     inputs = [x] if isinstance(x, str) else x
     if not isinstance(inputs, list) or not inputs:
-        raise RequestError(400, "input: give a string or a non-empty list of strings, {\"text\"} / {\"image\"} "
-                                "objects, or token-id lists")
+        raise RequestError(
+            400, 'input: give a string or a non-empty list of strings, {"text"} / {"image"} objects, or token-id lists'
+        )
     tokens = [isinstance(v, list) for v in inputs]
     openai = "encoding_format" in body or any(tokens)
     fields = OPENAI_FIELDS if openai else JINA_FIELDS
     unknown = [k for k in body if k not in fields]
     if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown} for the {'OpenAI' if openai else 'Jina'} format; "
-                                f"valid fields are {fields}")
+        raise RequestError(
+            400,
+            f"unknown field(s) {unknown} for the {'OpenAI' if openai else 'Jina'} format; valid fields are {fields}",
+        )
     if len(inputs) > limits.max_items:
-        raise RequestError(413, f"input holds {len(inputs)} items, over the limit of {limits.max_items} "
-                                "(--max-items)")
+        raise RequestError(413, f"input holds {len(inputs)} items, over the limit of {limits.max_items} (--max-items)")
     if any(tokens) and not all(tokens):
         i = tokens.index(not tokens[0])
         raise RequestError(400, f"input[{i}]: token-id lists and other inputs cannot share a request", i)
     for i, v in enumerate(inputs):
         if isinstance(v, dict) and not openai:
             if len(v) != 1 or next(iter(v)) not in ("text", "image") or not isinstance(next(iter(v.values())), str):
-                raise RequestError(400, f"input[{i}]: an object must be {{\"text\": string}} or "
-                                        f"{{\"image\": string}}, got {json.dumps(v)[:80]}", i)
+                raise RequestError(
+                    400,
+                    f'input[{i}]: an object must be {{"text": string}} or '
+                    f'{{"image": string}}, got {json.dumps(v)[:80]}',
+                    i,
+                )
         elif not isinstance(v, (str, list)):
-            kinds = "strings or token-id lists" if openai else "strings or {\"text\"} / {\"image\"} objects"
+            kinds = "strings or token-id lists" if openai else 'strings or {"text"} / {"image"} objects'
             raise RequestError(400, f"input[{i}] is {type(v).__name__}; input takes {kinds}", i)
     model = valid(body.get("model", names[0]), names, "model")
-    task = valid(body.get("task", default_task), list(TASKS), "task")
+    task = valid(body.get("task", default_task), list(tasks), "task")
     dimensions = body.get("dimensions")
     if dimensions is not None:
         valid(dimensions, list(dims), "dimensions")
-    flags = [valid(body.get(k, k == "truncate"), [True, False], k) for k in ("return_multivector", "late_chunking",
-                                                                           "truncate")]
+    flags = [
+        valid(body.get(k, k == "truncate"), [True, False], k)
+        for k in ("return_multivector", "late_chunking", "truncate")
+    ]
     valid(body.get("normalized", True), [True], "normalized")  # embeddings are always unit length
     if openai:
         types, keyed = [valid(body.get("encoding_format", "float"), ENCODING_FORMATS, "encoding_format")], False
@@ -139,18 +174,18 @@ def parse(body: Any, names: list[str], dims: tuple[int, ...], default_task: str,
     return request
 
 
-def prepare(request: Request, processor, limits: Limits) -> tuple[Any, int]:
-    """Request -> (work, tokens): a list of `Item`s for the model worker, or for late chunking the arguments
-    (text, spans, task, prompt_name, max_length) of `encode_chunks`. Runs outside the event loop."""
-    from .processing import Item
+def prepare(request: Request, model, limits: Limits, tasks: dict[str, tuple[str, str]]) -> tuple[Any, int]:
+    """Request -> (work, tokens): a list of `Item`s for the model worker, or for late chunking (item, chunk
+    groups) for one `ChunkPooling` head. Runs outside the event loop."""
+    from ..model.processing import Item
 
-    task, prompt = TASKS[request.task]
+    task, prompt = tasks[request.task]
     n, x = limits.max_length, request.inputs
     if request.late_chunking:
         texts = [v if isinstance(v, str) else v["text"] for v in x]
-        return chunk_work(texts, task, prompt, request.truncate, processor, limits)
+        return chunk_work(texts, task, prompt, request.truncate, model, limits)
     if isinstance(x[0], list):  # token ids are embedded as given: no prompt prefix, no tokenizer
-        vocab, pad = processor.config.text_config.vocab_size, processor.config.image_token_id
+        vocab, pad = model.config.text_config.vocab_size, model.config.image_token_id
         for i, ids in enumerate(x):
             bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab or t == pad]
             if not ids or bad:
@@ -158,25 +193,31 @@ def prepare(request: Request, processor, limits: Limits) -> tuple[Any, int]:
                 raise RequestError(400, f"input[{i}]: {why if bad else 'an empty token-id list'}", i)
         items = [Item(list(ids[:n]), task, dropped=max(0, len(ids) - n)) for ids in x]
     else:
-        values = [{"image": decode_image(v["image"], i, limits)} if isinstance(v, dict) and "image" in v
-                  else {"text": v if isinstance(v, str) else v["text"]} for i, v in enumerate(x)]
-        items = processor.prepare(values, task, prompt, n, errors="return", name="input")
+        values = [
+            {"image": decode_image(v["image"], i, limits)}
+            if isinstance(v, dict) and "image" in v
+            else {"text": v if isinstance(v, str) else v["text"]}
+            for i, v in enumerate(x)
+        ]
+        items = model.prepare(values, task, prompt, n, errors="return", name="input")
     for i, item in enumerate(items):
         if isinstance(item, Exception):
             raise RequestError(400, str(item), i)
         if item.dropped and not request.truncate:
-            raise RequestError(400, f"input[{i}]: {len(item.input_ids) + item.dropped} tokens, over max_length={n} "
-                                    "(truncate is false)", i)
+            raise RequestError(
+                400,
+                f"input[{i}]: {len(item.input_ids) + item.dropped} tokens, over max_length={n} (truncate is false)",
+                i,
+            )
     return items, check_tokens(sum(len(it.input_ids) for it in items), limits)
 
 
-def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, processor, limits: Limits
-               ) -> tuple[tuple, int]:
+def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, model, limits: Limits) -> tuple[tuple, int]:
     """Late chunking: the texts joined by CHUNK_JOIN are one document, each text a chunk whose span is where it
     stands in the document. Every chunk must keep a token (by `encode_chunks`' rule: a token's first
     non-whitespace character places it)."""
-    from .chunking import anchors, chunk_token_mask
-    from .processing import checked_text, text_prompt
+    from ..model.processing import checked_text
+    from .chunking import EmptyChunk, check_chunks, chunk_item
 
     spans, start, n = [], 0, limits.max_length
     for i, t in enumerate(texts):
@@ -187,24 +228,27 @@ def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, process
             raise RequestError(400, str(e), i) from None
         spans.append((start, start + len(t)))
         start += len(t) + len(CHUNK_JOIN)
-    text = CHUNK_JOIN.join(texts)
-    prompt_text = text_prompt(text, task, prompt)
-    item = processor.tokenize([prompt_text], n)[0]
+    item, _, groups = chunk_item(model, CHUNK_JOIN.join(texts), spans, task, prompt, n)
     if item.dropped and not truncate:
-        raise RequestError(400, f"the joined document is {len(item.input_ids) + item.dropped} tokens, over "
-                                f"max_length={n} (truncate is false)")
-    shift = len(prompt_text) - len(text)
-    kept = chunk_token_mask(anchors(text, [(a - shift, b - shift) for a, b in item.offsets]), spans).sum(1)
-    for i, k in enumerate(kept.tolist()):
-        if k == 0:
-            raise RequestError(400, f"input[{i}]: no token of its own (whitespace, or cut at max_length={n})", i)
-    return (text, spans, task, prompt, n), check_tokens(len(item.input_ids), limits)
+        raise RequestError(
+            400,
+            f"the joined document is {len(item.input_ids) + item.dropped} tokens, over "
+            f"max_length={n} (truncate is false)",
+        )
+    try:
+        check_chunks(spans, groups, n)
+    except EmptyChunk as e:
+        raise RequestError(
+            400, f"input[{e.chunk}]: no token of its own (whitespace, or cut at max_length={n})", e.chunk
+        ) from None
+    return (item, groups), check_tokens(len(item.input_ids), limits)
 
 
 def check_tokens(tokens: int, limits: Limits) -> int:
     if tokens > limits.max_tokens:
-        raise RequestError(413, f"the request holds {tokens} tokens, over the limit of {limits.max_tokens} "
-                                "(--max-tokens)")
+        raise RequestError(
+            413, f"the request holds {tokens} tokens, over the limit of {limits.max_tokens} (--max-tokens)"
+        )
     return tokens
 
 
@@ -215,11 +259,16 @@ def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
     if scheme:
         if scheme[1].lower() not in ("http", "https"):
-            raise RequestError(400, f"{where}: {scheme[1]}:// URLs are refused; send an http(s) URL, a data URI or "
-                                    "base64", i)
+            raise RequestError(
+                400, f"{where}: {scheme[1]}:// URLs are refused; send an http(s) URL, a data URI or base64", i
+            )
         if not limits.allow_urls:
-            raise RequestError(400, f"{where}: image URLs are refused (the server runs without --allow-urls); send "
-                                    "the image as a data URI or base64", i)
+            raise RequestError(
+                400,
+                f"{where}: image URLs are refused (the server runs without --allow-urls); send "
+                "the image as a data URI or base64",
+                i,
+            )
         return open_image(fetch(value, where, i, limits), where, i, limits)
     if value.startswith("data:") and ";base64," not in value:
         raise RequestError(400, f"{where}: a data URI must read data:<type>;base64,<data>", i)
@@ -229,8 +278,12 @@ def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError):
         data = None
     if (data is None or not data.startswith(MAGIC)) and re.search(r"[/\\]|^~|\.[A-Za-z0-9]{2,5}$", value):
-        raise RequestError(400, f"{where}: {value[:60]!r} reads as a file path, and a request never reads the "
-                                "server's disk; send the image as base64 or a data URI", i)
+        raise RequestError(
+            400,
+            f"{where}: {value[:60]!r} reads as a file path, and a request never reads the "
+            "server's disk; send the image as base64 or a data URI",
+            i,
+        )
     if data is None:
         raise RequestError(400, f"{where}: the image is neither an http(s) URL, a data URI nor base64", i)
     return open_image(data, where, i, limits)
@@ -268,8 +321,12 @@ def open_image(data: bytes, where: str, i: int, limits: Limits) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only (and PIL's bomb guard)
         if img.width * img.height > limits.max_image_pixels:
-            raise RequestError(400, f"{where}: the image is {img.width}x{img.height} = {img.width * img.height:,} "
-                                    f"pixels, over the limit of {limits.max_image_pixels:,} (--max-image-pixels)", i)
+            raise RequestError(
+                400,
+                f"{where}: the image is {img.width}x{img.height} = {img.width * img.height:,} "
+                f"pixels, over the limit of {limits.max_image_pixels:,} (--max-image-pixels)",
+                i,
+            )
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
     except RequestError:
@@ -295,5 +352,9 @@ def answer(request: Request, vectors: list[np.ndarray], tokens: int) -> dict:
     for i, v in enumerate(vectors):
         e = {kind: encode(v, kind) for kind in request.types}
         data.append({"object": "embedding", "index": i, key: e if request.keyed else e[request.types[0]]})
-    return {"model": request.model, "object": "list", "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
-            "data": data}
+    return {
+        "model": request.model,
+        "object": "list",
+        "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+        "data": data,
+    }

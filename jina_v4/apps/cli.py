@@ -1,10 +1,10 @@
 """The `jina-v4` command (also `python -m jina_v4`), a thin layer over the Python API.
 
-    jina-v4 embed "a text" --image page.png -o out.npy     # texts, files, stdin, images; .npy .safetensors .jsonl
-    jina-v4 score "a query" --doc "a text" --image docs/    # ranked cosine or MaxSim table
-    jina-v4 heatmap "a query" page.png -o heat.png          # where on the page the query matches
-    jina-v4 info                                            # config and parameter counts (reads no weights)
-    jina-v4 serve --model DIR                               # the embeddings HTTP API (serve.py)
+jina-v4 embed "a text" --image page.png -o out.npy     # texts, files, stdin, images; .npy .safetensors .jsonl
+jina-v4 score "a query" --doc "a text" --image docs/    # ranked cosine or MaxSim table
+jina-v4 heatmap "a query" page.png -o heat.png          # where on the page the query matches
+jina-v4 info                                            # config and parameter counts (reads no weights)
+jina-v4 serve --model DIR                               # the embeddings HTTP API (serve.py)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "jinaai/jina-embeddings-v4"
+from .common import DEFAULT_MODEL
 
 
 class CLIError(Exception):
@@ -25,7 +25,7 @@ class CLIError(Exception):
 
 
 def load_model(args):
-    from .model import JinaV4
+    from ..model import JinaV4
 
     model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     model.task = args.task
@@ -51,11 +51,25 @@ def embed(args) -> None:
         raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
     model = load_model(args)
     start = time.perf_counter()
-    settings = {"model": str(args.model), "task": args.task, "dtype": str(model.dtype).replace("torch.", ""),
-                "prompt_name": args.prompt_name, "multivector": args.multivector, "truncate_dim": args.truncate_dim,
-                "max_pixels": args.max_pixels, "deterministic": args.deterministic}
-    job = Job(model, [{"text": t} for t in texts] + [{"image": p} for p in images], texts + images, settings,
-              args.batch_size, args.on_error, args.quiet)
+    settings = {
+        "model": str(args.model),
+        "task": args.task,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "prompt_name": args.prompt_name,
+        "multivector": args.multivector,
+        "truncate_dim": args.truncate_dim,
+        "max_pixels": args.max_pixels,
+        "deterministic": args.deterministic,
+    }
+    job = Job(
+        model,
+        [{"text": t} for t in texts] + [{"image": p} for p in images],
+        texts + images,
+        settings,
+        args.batch_size,
+        args.on_error,
+        args.quiet,
+    )
     if sharded:
         suffix = "." + (args.format or "safetensors")
         done_now, done_before = run_to_shards(job, Path(out), suffix, args.shard_size, args.report)
@@ -64,13 +78,15 @@ def embed(args) -> None:
         done_now, resumed = run_to_file(job, out, args.report), ""
     if not args.quiet:
         skipped = f"; {len(job.skipped)} skipped (see the report)" if job.skipped else ""
-        print(f"embedded {done_now} items ({job.tokens} tokens) in "
-              f"{time.perf_counter() - start:.1f} s{resumed}{skipped}", file=sys.stderr)
+        print(
+            f"embedded {done_now} items ({job.tokens} tokens) in {time.perf_counter() - start:.1f} s{resumed}{skipped}",
+            file=sys.stderr,
+        )
 
 
 def score(args) -> None:
+    from ..model.processing import preview
     from .jobs import expand_images, read_texts
-    from .processing import preview
     from .scoring import maxsim
 
     docs = [{"text": t} for t in read_texts(args.doc, args.docs_file, args.text_field, stdin=False)]
@@ -78,8 +94,12 @@ def score(args) -> None:
     if not docs:
         raise CLIError("no documents: give --doc texts, --docs-file files or --image paths")
     model = load_model(args)
-    common = dict(batch_size=args.batch_size, return_multivector=args.multivector, max_pixels=args.max_pixels,
-                  deterministic=args.deterministic)
+    common = dict(
+        batch_size=args.batch_size,
+        return_multivector=args.multivector,
+        max_pixels=args.max_pixels,
+        deterministic=args.deterministic,
+    )
     q = model.encode([{"text": t} for t in args.queries], prompt_name="query", **common)
     d = model.encode(docs, prompt_name="passage", **common)
     scores = maxsim(q, d) if args.multivector else q @ d.T
@@ -96,7 +116,7 @@ def score(args) -> None:
 def heatmap(args) -> None:
     from PIL import Image
 
-    from .images import load_image
+    from ..model.images import load_image
     from .scoring import similarity_map
 
     model = load_model(args)
@@ -106,8 +126,11 @@ def heatmap(args) -> None:
     heat = Image.fromarray(colormap(s.numpy())).resize(image.size, Image.Resampling.BILINEAR)
     Image.blend(image, heat, args.alpha).save(args.output)
     if not args.quiet:
-        print(f"wrote {args.output} ({image.width}x{image.height}, {scores.shape[0]}x{scores.shape[1]} cells, "
-              f"scores {scores.min().item():.3f}..{scores.max().item():.3f})", file=sys.stderr)
+        print(
+            f"wrote {args.output} ({image.width}x{image.height}, {scores.shape[0]}x{scores.shape[1]} cells, "
+            f"scores {scores.min().item():.3f}..{scores.max().item():.3f})",
+            file=sys.stderr,
+        )
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
@@ -119,8 +142,8 @@ def colormap(x: np.ndarray) -> np.ndarray:
 
 def build_meta(model: str):
     """The model on the meta device, from its config files only (a hub id: only those two files are fetched)."""
-    from .loading import CONFIG_FILES, resolve
-    from .model import JinaV4
+    from ..model import JinaV4
+    from ..model.loading import CONFIG_FILES, resolve
 
     meta = JinaV4.on_meta(resolve(model, files=CONFIG_FILES))
     return meta, meta.adapter_config
@@ -148,25 +171,37 @@ def info(args) -> None:
     order = sorted(counts, key=lambda k: (k.startswith("adapter"), k.startswith("multi"), k.startswith("vision")))
     rows = [(k, tensors[k], counts[k]) for k in order]
     rows.append(("base model (no adapters)", sum(n for k, n in tensors.items() if not k.startswith("adapter")), base))
-    print(f"decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, MLP {t.intermediate_size}, "
-          f"heads {t.num_attention_heads} (kv {t.num_key_value_heads}, dim {t.head_dim}), vocab {t.vocab_size}, "
-          f"rope_theta {t.rope_theta:g}, mrope_section {list(t.mrope_section)}")
-    print(f"vision:  {v.depth} blocks, hidden {v.hidden_size}, MLP {v.intermediate_size}, heads {v.num_heads} "
-          f"(dim {v.head_dim}), patch {v.patch_size}, merge {v.spatial_merge_size}x{v.spatial_merge_size}, "
-          f"window {v.window_size}px, full attention in blocks {list(v.fullatt_block_indexes)}, "
-          f"out {v.out_hidden_size}")
-    print(f"tasks: {list(c.task_names)}; LoRA r={adapters.r}, alpha={adapters.lora_alpha:g} "
-          f"(scaling {adapters.scaling:g}) on {len(model.adapted)} Linears")
-    print(f"single vector: {t.hidden_size}-d, Matryoshka dims {list(c.matryoshka_dims)}; "
-          f"multi-vector: {c.multi_vector_projector_dim}-d per token")
+    print(
+        f"decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, MLP {t.intermediate_size}, "
+        f"heads {t.num_attention_heads} (kv {t.num_key_value_heads}, dim {t.head_dim}), vocab {t.vocab_size}, "
+        f"rope_theta {t.rope_theta:g}, mrope_section {list(t.mrope_section)}"
+    )
+    print(
+        f"vision:  {v.depth} blocks, hidden {v.hidden_size}, MLP {v.intermediate_size}, heads {v.num_heads} "
+        f"(dim {v.head_dim}), patch {v.patch_size}, merge {v.spatial_merge_size}x{v.spatial_merge_size}, "
+        f"window {v.window_size}px, full attention in blocks {list(v.fullatt_block_indexes)}, "
+        f"out {v.out_hidden_size}"
+    )
+    print(
+        f"tasks: {list(c.task_names)}; LoRA r={adapters.r}, alpha={adapters.lora_alpha:g} "
+        f"(scaling {adapters.scaling:g}) on {len(model.adapted)} Linears"
+    )
+    print(
+        f"single vector: {t.hidden_size}-d, Matryoshka dims {list(c.matryoshka_dims)}; "
+        f"multi-vector: {c.multi_vector_projector_dim}-d per token"
+    )
     width = max(len(r[0]) for r in rows)
     print(f"{'component':<{width}}  {'tensors':>7}  {'parameters':>15}")
     for name, n_tensors, n_params in rows:
         print(f"{name:<{width}}  {n_tensors:>7,}  {n_params:>15,}")
     if args.layers:
-        for title, prefix in (("one decoder layer", "model.layers.0."), ("one vision block", "visual.blocks.0."),
-                              ("the rest of the vision tower", "visual.patch_embed."), ("", "visual.merger."),
-                              ("the heads", "multi_vector_projector.")):
+        for title, prefix in (
+            ("one decoder layer", "model.layers.0."),
+            ("one vision block", "visual.blocks.0."),
+            ("the rest of the vision tower", "visual.patch_embed."),
+            ("", "visual.merger."),
+            ("the heads", "multi_vector_projector."),
+        ):
             if title:
                 print(f"\n{title}:")
             for name, p in model.state_dict().items():
@@ -187,8 +222,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
             p.add_argument("--batch-size", type=int, help="most items per forward pass (default: a token budget)")
             p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
-            p.add_argument("--deterministic", action="store_true",
-                           help="each input's vectors bit-identical whatever shares its batch (CPU)")
+            p.add_argument(
+                "--deterministic",
+                action="store_true",
+                help="each input's vectors bit-identical whatever shares its batch (CPU)",
+            )
 
     p = sub.add_parser("embed", help="embed texts and images")
     p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")
@@ -198,21 +236,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
     p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
-    p.add_argument("-o", "--output", help="out.npy, out.safetensors or out.jsonl, or a directory for shards that a "
-                                          "rerun resumes (default: JSON lines on stdout)")
-    p.add_argument("--format", choices=["safetensors", "jsonl", "npy"],
-                   help="the shards' format, when --output is a directory (default: safetensors)")
-    p.add_argument("--shard-size", type=int, default=1000,
-                   help="inputs per shard (default 1000); with --ray, rows per actor batch and per parquet file")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="a bad input stops the run (fail), or is left out and reported (skip)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="out.npy, out.safetensors or out.jsonl, or a directory for shards that a "
+        "rerun resumes (default: JSON lines on stdout)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "jsonl", "npy"],
+        help="the shards' format, when --output is a directory (default: safetensors)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        help="inputs per shard (default 1000); with --ray, rows per actor batch and per parquet file",
+    )
+    p.add_argument(
+        "--on-error",
+        default="fail",
+        choices=["fail", "skip"],
+        help="a bad input stops the run (fail), or is left out and reported (skip)",
+    )
     p.add_argument("--report", help="where skipped inputs are listed (default: beside the output)")
-    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="embed --input (.jsonl, .parquet, image directories) on Ray into parquet files in -o DIR; "
-                        "ADDRESS: auto or ray://host:10001 (none: start a local Ray)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="embed --input (.jsonl, .parquet, image directories) on Ray into parquet files in -o DIR; "
+        "ADDRESS: auto or ray://host:10001 (none: start a local Ray)",
+    )
     p.add_argument("--actors", type=int, help="with --ray: model replicas (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-actor", type=float, help="with --ray: GPUs per replica (default: 1 if the cluster "
-                                                        "has GPUs, else 0)")
+    p.add_argument(
+        "--gpus-per-actor", type=float, help="with --ray: GPUs per replica (default: 1 if the cluster has GPUs, else 0)"
+    )
     model_options(p)
     p.set_defaults(run=embed)
 
@@ -241,6 +300,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=info)
 
     from .serve import add_parser as add_serve  # starlette and uvicorn load only when the server starts
+
     add_serve(sub)
     return ap
 
@@ -250,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except KeyboardInterrupt:
-        print("jina-v4: interrupted (a run into a directory keeps its whole shards; rerun it to resume)",
-              file=sys.stderr)
+        print(
+            "jina-v4: interrupted (a run into a directory keeps its whole shards; rerun it to resume)", file=sys.stderr
+        )
         return 130
     except Exception as e:  # one clear line, never a traceback
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

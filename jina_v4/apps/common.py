@@ -1,0 +1,50 @@
+"""What the applications share: the default checkpoint, files written whole or not at all, and the error policy
+of a corpus run (a bad input stops it, or is left out and reported)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..model.processing import preview
+
+DEFAULT_MODEL = "jinaai/jina-embeddings-v4"
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, written atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+    atomic_write(path, write)
+
+
+def error_policy(
+    results: list, names: list[str], labels: list[str], on_error: str, error: type = ValueError
+) -> list[dict | None]:
+    """Per result of pipeline.encode(..., errors="return"): None for a vector, {"input", "error"} for a bad input.
+    on_error="fail" raises `error` for the first bad input instead, named as names[i] (e.g. "input 7" or
+    "id 'a'") with labels[i] (what it was) and the reason."""
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
+    records = []
+    for r, name, label in zip(results, names, labels):
+        if not isinstance(r, Exception):
+            records.append(None)
+            continue
+        reason = getattr(r, "reason", None) or str(r)
+        if on_error == "fail":
+            raise error(f"{name} ({preview(label, 100)}): {reason}")
+        records.append({"input": label, "error": reason})
+    return records

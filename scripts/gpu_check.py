@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from jina_v4 import JinaV4  # noqa: E402
-from jina_v4 import execution  # noqa: E402
+from jina_v4 import JinaV4, execution  # noqa: E402
 
 from bench import decoder_flops, flop_ratio, measure, reference_images, reference_texts, texts_of, write_random  # noqa: E402
 from parity import THRESHOLDS, probe_images  # noqa: E402

@@ -130,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, type=Path, help="JSONL rows (see above)")
     ap.add_argument("--task", required=True, help="the task to train: a new name, or one of the model's")
     ap.add_argument("--init-from", help="start the new task as a copy of this task (the paper's stage 2)")
+    ap.add_argument("--query-prefix", default="Query: ", help="a new task's prompt rule: the prefix of queries")
+    ap.add_argument(
+        "--passage-prefix", default="Passage: ", help="... and of passages (the query prefix again: a symmetric task)"
+    )
     ap.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -173,6 +177,8 @@ def settings(args, data: bytes, size: int) -> dict:
         "model",
         "task",
         "init_from",
+        "query_prefix",
+        "passage_prefix",
         "lr",
         "weight_decay",
         "batch_size",
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> float:
         raise SystemExit(f"error: --matryoshka-dims {args.matryoshka_dims}: each must be in 1..{hidden}")
     torch.manual_seed(args.seed)
     if args.task not in model.config.task_names:
-        model.add_task(args.task, init_from=args.init_from)
+        model.add_task(args.task, init_from=args.init_from, query=args.query_prefix, passage=args.passage_prefix)
     elif args.init_from:
         raise SystemExit(f"error: --init-from makes a new task, but {args.task!r} exists already")
     params = trainable(model, args.task)

@@ -10,6 +10,8 @@ from parity import THRESHOLDS
 from test_images import picture, reference_image
 from tolerances import BF16, SAME, max_diff
 
+pytestmark = pytest.mark.parity
+
 GATE = THRESHOLDS["bfloat16"]
 TEXTS = [
     "Overview of climate change impacts on coastal cities",

@@ -18,6 +18,8 @@ from jina_v4.model.text import DecoderLayer
 
 from tolerances import FP32, call_error, max_diff, sum_rounding
 
+pytestmark = pytest.mark.parity
+
 torch.manual_seed(0)
 
 

@@ -12,6 +12,8 @@ from jina_v4 import JinaV4
 from oracle64 import float64_islands
 from test_images import picture, reference_image
 
+pytestmark = pytest.mark.parity
+
 TOL = 1e-12
 TEXTS = [
     "hello",

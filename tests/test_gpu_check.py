@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
@@ -166,8 +168,7 @@ def test_scaled_init_keeps_each_layer_at_unit_gain():
 def test_without_the_reference_and_with_a_failing_varlen_kernel(tiny_run, monkeypatch, reference):
     """transformers or peft missing, or the reference failing: parity compares bf16 with jina_v4's own fp32 and
     speed has no reference column. A varlen path that raises is recorded; the padded figures stay."""
-    from jina_v4 import JinaV4
-    from jina_v4 import execution
+    from jina_v4 import JinaV4, execution
 
     import gpu_check
 

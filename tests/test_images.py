@@ -24,6 +24,8 @@ from jina_v4.model.positions import VisionLayout, rope_index, vision_cos_sin, wi
 from synthetic import RELEASED
 from tolerances import FP32
 
+pytestmark = pytest.mark.parity
+
 TASKS = ["retrieval", "text-matching", "code"]
 IMAGE_CFG = PreprocessorConfig.from_dict(json.loads((RELEASED / "preprocessor_config.json").read_text()))
 # (height, width): merged grids that fill whole 4x4 windows and ones that leave partial windows

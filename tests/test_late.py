@@ -107,6 +107,7 @@ DOC = (
 )
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("chunks", ["sentences", 7, [(0, 10), (10, 60), (60, len(DOC))]])
 def test_late_chunking_equals_reference_hidden_states(name, models, references, rounding, chunks):
     model, ref = models(name), references(name)
@@ -153,6 +154,7 @@ def test_similarity_map(models):
     assert (heat.flatten() - maxsim([q], cells)[0]).abs().max() <= maxsim_bound([q], cells)
 
 
+@pytest.mark.parity
 def test_all_hidden_states_match_reference(models, references, rounding):
     model, ref = models("gqa4-single"), references("gqa4-single")
     b = ref.text_batch(["one text", "and a second, longer text"], "code")
@@ -166,6 +168,7 @@ def test_all_hidden_states_match_reference(models, references, rounding):
         assert (a[m] - t[m]).abs().max() <= tol
 
 
+@pytest.mark.parity
 def test_bidirectional_switch_matches_reference_with_full_mask(models, references):
     from tolerances import float64_copy, fp32_error
 
@@ -192,6 +195,7 @@ def test_bidirectional_switch_matches_reference_with_full_mask(models, reference
     assert (both_ways - causal).abs().max() > 100 * tol
 
 
+@pytest.mark.parity
 def test_add_task_starts_as_the_base_model(checkpoints, references):
     from jina_v4 import JinaV4
 

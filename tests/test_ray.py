@@ -18,6 +18,8 @@ from PIL import Image
 from jina_v4.apps.cli import main
 from jina_v4.apps.ray_data import Embedder, EmbedError, embed_corpus, read_vectors
 
+pytestmark = pytest.mark.slow
+
 TEXTS = [f"document {i}: " + "words and more words " * (1 + i % 4) for i in range(10)]
 DIE_AT = 5  # the id whose batch kills its actor
 

@@ -18,6 +18,8 @@ import torch
 from test_cli import SCRIPT
 from test_serve import call, floats, offline, png
 
+pytestmark = pytest.mark.slow
+
 CKPT = "gqa4-single"
 CLIENTS, PER_CLIENT = 16, 50
 SPEED_RUNS = 25  # requests per client when timing throughput: text requests only, each server the same load

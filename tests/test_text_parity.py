@@ -9,6 +9,8 @@ from jina_v4.model.processing import Item, token_batches
 from conftest import padded_hidden_states
 from tolerances import FP32, SAME
 
+pytestmark = pytest.mark.parity
+
 TEXTS = [
     "hello",
     "Overview of climate change impacts on coastal cities",

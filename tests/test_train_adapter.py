@@ -286,6 +286,7 @@ def worst_relative(ours: dict, theirs: dict) -> float:
     return max(((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in theirs)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_doubled_batch(checkpoints, tmp_path):
     ckpt = checkpoints["gqa2-sharded"]
     data = write_pairs(tmp_path / "data")
@@ -375,6 +376,7 @@ def top1(model, task, pairs) -> float:
     return ((q @ p.T).argmax(1) == torch.arange(len(pairs))).float().mean().item()
 
 
+@pytest.mark.slow
 def test_it_learns(checkpoints, tmp_path):
     train, held_out = letters_task()
     data = tmp_path / "letters.jsonl"

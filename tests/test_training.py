@@ -99,11 +99,12 @@ def grad_rounding(fresh):
             narrow, exact = fp32_runs(model, lambda m: our_gradients(m, task)[1])
             es = [embed(model, xs, task, pn) for xs, pn in GROUPS]
             parts = [t for e in es for t in (e.single, e.multi)]
-            grads = torch.autograd.grad(loss_of(*es), parts)
+            loss = loss_of(*es)
+            grads = torch.autograd.grad(loss, parts)
             with torch.no_grad(), NarrowStorage():
                 rounded = [t for e in (embed(model, xs, task, pn) for xs, pn in GROUPS) for t in (e.single, e.multi)]
             loss_e = sum(float((g.abs() * (r - t.detach()).abs()).sum()) for g, r, t in zip(grads, rounded, parts))
-            cache[name, task] = worst_relative(narrow, exact), loss_e / abs(float(loss_of(*es)))
+            cache[name, task] = worst_relative(narrow, exact), loss_e / abs(float(loss.detach()))
         return cache[name, task]
 
     return get
@@ -117,6 +118,7 @@ def worst_relative(ours: dict, theirs: dict) -> float:
     return max(((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in ours)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["gqa2-sharded", "gqa4-single", "mha-bf16"])
 def test_gradient_parity_fp32(name, fresh, references, grad_rounding):
     """mha-bf16: M-RoPE sections (2, 2, 4) differ between height and width; r = 2, alpha = 5. FP32 x E
@@ -129,6 +131,7 @@ def test_gradient_parity_fp32(name, fresh, references, grad_rounding):
     assert worst_relative(ours, theirs) <= FP32 * grad_e
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["mha-bf16", "gqa4-single"])
 def test_gradient_parity_float64(name, fresh, checkpoints):
     from reference import Reference

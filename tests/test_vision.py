@@ -17,6 +17,8 @@ from jina_v4.model.vision import PatchMerger, VisionBlock, VisionTower
 from synthetic import RELEASED
 from tolerances import FP32, call_error, max_diff
 
+pytestmark = pytest.mark.parity
+
 GRIDS = [(1, 24, 40), (1, 10, 6), (1, 16, 16)]  # merged 12x20 (3x5 windows, partial), 5x3, 4x4
 
 

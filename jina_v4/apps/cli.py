@@ -209,14 +209,32 @@ def info(args) -> None:
                     print(f"  {name:<58} {str(tuple(p.shape)):>16} {p.numel():>13,}")
 
 
-def parser() -> argparse.ArgumentParser:
+def checkpoint_tasks(argv: list[str]) -> dict:
+    """The tasks (config.Task) of the checkpoint that argv's --model names, for the help texts: read from its
+    config.json when it is a local directory or already in the hub cache; the release's otherwise."""
+    from ..model.loading import CONFIG_FILES, read_configs, resolve
+
+    model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), DEFAULT_MODEL)
+    model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), model)
+    try:
+        return read_configs(resolve(model, files=CONFIG_FILES, local_files_only=True))[0].tasks
+    except Exception:  # not at hand: the help names the release's tasks
+        from ..model.config import RELEASED_PROMPTS, Task
+
+        return {t: Task(t, **RELEASED_PROMPTS.get(t, {})) for t in ("retrieval", "text-matching", "code")}
+
+
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jina-v4", description="jina-embeddings-v4 from the command line")
     sub = ap.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    tasks = checkpoint_tasks(argv) if {"-h", "--help"} & set(argv) else None  # read only when the help is shown
+    names = ", ".join(tasks or ["retrieval", "text-matching", "code"])
 
     def model_options(p, task=True):
         p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
         if task:
-            p.add_argument("--task", default="retrieval", help="retrieval (default), text-matching or code")
+            p.add_argument("--task", default="retrieval", help=f"a task of the checkpoint: {names} (default retrieval)")
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
             p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
             p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
@@ -301,12 +319,12 @@ def parser() -> argparse.ArgumentParser:
 
     from .serve import add_parser as add_serve  # starlette and uvicorn load only when the server starts
 
-    add_serve(sub)
+    add_serve(sub, tasks)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser(argv).parse_args(argv)
     try:
         args.run(args)
     except KeyboardInterrupt:

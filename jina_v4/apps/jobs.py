@@ -155,7 +155,9 @@ def run_to_file(job: Job, output: str | None, report: str | None) -> int:
         for start in range(0, len(job.inputs), 256):
             stop = min(start + 256, len(job.inputs))
             i, v, s = job.encode(start, stop)
-            index.extend(i), vectors.extend(v), skipped.extend(s)
+            index += i
+            vectors += v
+            skipped += s
             bar.update(stop - start)
     labels = [job.labels[i] for i in index]
     if output is None:

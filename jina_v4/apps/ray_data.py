@@ -132,7 +132,8 @@ class VectorSink(ray.data.Datasink):
             return 0, []
         table, skipped = pa.concat_tables(tables), []
         if "skipped" in table.column_names:
-            rows = table.filter(bad := table["skipped"].is_valid())
+            bad = table["skipped"].is_valid()
+            rows = table.filter(bad)
             skipped = [{"id": i, **s} for i, s in zip(rows["id"].to_pylist(), rows["skipped"].to_pylist())]
             table = table.filter(pc.invert(bad)).drop_columns(["skipped"])
         if table.num_rows:
@@ -211,8 +212,10 @@ def read_corpus(
             f"{', '.join(inputs)}: --input takes existing .jsonl files, .parquet files or image "
             "directories, one kind at a time"
         )
-    if (kind := kinds.pop()) == "dir":
-        if not (files := sorted(str(f) for p in paths for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)):
+    kind = kinds.pop()
+    if kind == "dir":
+        files = sorted(str(f) for p in paths for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
             raise EmbedError(f"{', '.join(inputs)}: no image files")
         ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=-(-len(files) // rows))
         return ds.rename_columns({"path": "id", "bytes": "image"}), len(files), []
@@ -291,7 +294,8 @@ def embed_corpus(
     try:
         ds.write_datasink(sink)
     except Exception as e:  # Ray hands an actor's error on as text inside its own
-        if not (found := re.search(r"EmbedError: (.+)", str(e))):
+        found = re.search(r"EmbedError: (.+)", str(e))
+        if not found:
             raise
     if found:  # reference cycles in the failed run hold its actors, and their CPUs, until collected
         gc.collect()

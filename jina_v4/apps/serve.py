@@ -271,9 +271,10 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def add_parser(sub) -> None:
-    """The `serve` subcommand's options (called from cli.parser)."""
+def add_parser(sub, tasks: dict | None = None) -> None:
+    """The `serve` subcommand's options (called from cli.parser, with the checkpoint's tasks for the help)."""
     d = Limits()
+    names = ", ".join(http_tasks(tasks)) if tasks else "retrieval.query, retrieval.passage, text-matching, ..."
     p = sub.add_parser("serve", help="serve POST /v1/embeddings (Jina and OpenAI formats) with dynamic batching")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this host only)")
@@ -283,8 +284,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--task",
         default="text-matching",
-        help="the task of requests that name none, as requests name them (default text-matching; the "
-        "release's are retrieval.query, retrieval.passage, text-matching, code.query, code.passage)",
+        help=f"the task of requests that name none, as requests name them: {names} (default text-matching)",
     )
     p.add_argument(
         "--api-key",

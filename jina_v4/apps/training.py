@@ -284,7 +284,8 @@ def backward(
     after = _rng(model.device)
     for e in cached:
         if e is not None:
-            e.single.requires_grad_(), e.multi.requires_grad_()
+            e.single.requires_grad_()
+            e.multi.requires_grad_()
     loss = loss_fn([None if e is None else gather(e) for e in cached])
     loss.backward()
     k = 0

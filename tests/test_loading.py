@@ -3,6 +3,7 @@ checkpoint error naming what is wrong."""
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from jina_v4 import AdapterConfig, CheckpointError, ConfigError, JinaV4, JinaV4Config
+from jina_v4.model import loading
 from jina_v4.model.loading import adapter_key, adapter_name
 
 from synthetic import RELEASED
@@ -71,13 +73,56 @@ def test_full_size_adapter_tensors(full_size):
     assert lora["multi_vector_projector.lora_B.retrieval"] == (128, 32)
 
 
-def test_dtype_default_and_override(checkpoints):
+@pytest.mark.parametrize("native", ["AVX512-BF16", None])
+def test_dtype_default_and_override(checkpoints, monkeypatch, native):
+    """dtype=None: a bf16 checkpoint stays bf16 on a CPU that multiplies bf16 natively, and runs in float32 where
+    torch would emulate bf16; asking for bf16 there works, with one warning that names the slowdown."""
+    monkeypatch.setattr(loading, "native_bf16", lambda: native)
     m = JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu")
-    assert m.dtype == torch.bfloat16 and m.multi_vector_projector.lora_A["code"].dtype == torch.bfloat16
+    want = torch.bfloat16 if native else torch.float32
+    assert m.dtype == want and m.multi_vector_projector.lora_A["code"].dtype == want
+    assert ("natively (AVX512-BF16)" if native else "no native bf16 matmul") in m.dtype_reason
     assert JinaV4.from_pretrained(checkpoints["gqa2-sharded"], device="cpu").dtype == torch.float32
     assert JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu", dtype="float32").dtype == torch.float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: once per calling line
+        for _ in range(2):
+            m = JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu", dtype="bf16")
+            assert m.dtype == torch.bfloat16
+    assert [str(w.message) for w in caught] == (
+        [] if native else ["dtype=bfloat16: " + loading.EMULATED]
+    ) and "~7x slower" in loading.EMULATED
     with pytest.raises(ValueError, match="dtype='int8'"):
         JinaV4.from_pretrained(checkpoints["mha-bf16"], device="cpu", dtype="int8")
+
+
+@pytest.mark.parametrize(
+    "machine,amx,avx512_bf16,features,native",
+    [
+        ("x86_64", False, False, None, None),  # AVX2 (AMD Zen 3, most laptops): emulated
+        ("x86_64", False, True, None, "AVX512-BF16"),  # AMD Zen 4, Intel Cooper Lake and later
+        ("AMD64", True, True, None, "AMX"),  # Intel Sapphire Rapids and later
+        ("aarch64", False, False, "fp asimd sve bf16 i8mm", "BF16"),  # Graviton3, Neoverse V1/N2
+        ("aarch64", False, False, "fp asimd evtstrm aes crc32", None),  # Graviton2, Neoverse N1
+        ("arm64", False, False, None, None),  # macOS: no /proc/cpuinfo, counted as emulating
+        ("riscv64", False, False, "bf16", None),
+    ],
+)
+def test_native_bf16_reads_the_cpu(monkeypatch, tmp_path, machine, amx, avx512_bf16, features, native):
+    """native_bf16() from what it reads (the machine, torch's cpuinfo flags, /proc/cpuinfo), never this CPU."""
+    monkeypatch.setattr(loading.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpuinfo = tmp_path / "cpuinfo"
+    if features is not None:
+        cpuinfo.write_text(f"processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n")
+    monkeypatch.setattr(loading, "CPUINFO", cpuinfo)
+    assert loading.native_bf16() == native
+    cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert loading.choose_dtype(cpu, bf16, None)[0] == (bf16 if native else torch.float32)
+    assert loading.choose_dtype(cuda, bf16, None) == (bf16, "the checkpoint's dtype, on cuda")
+    assert loading.choose_dtype(cpu, torch.float32, None)[0] == torch.float32
+    assert loading.choose_dtype(cpu, bf16, torch.float64) == (torch.float64, "as asked")
 
 
 def copy(checkpoints, tmp_path, name="gqa4-single"):

@@ -1,5 +1,8 @@
 """Property tests (hypothesis) for the pure functions and the pooling."""
 
+import copy
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,3 +94,61 @@ def test_embedding_does_not_depend_on_the_batch(models, rounding, texts, k):
     batch = model.encode_text(texts + ["a much longer neighbour " * (k + 1)], task="retrieval")
     for t, v in zip(texts, batch):
         assert (model.encode_text(t, task="retrieval") - v).abs().max() <= SAME * rounding("gqa2-sharded", "text")
+
+
+# Pieces that stress a cut before tokenizing: combining marks (NFC composes and reorders them), Hangul jamo,
+# whitespace runs (the pre-tokenizer's lookahead), added tokens, long words and the longest tokens.
+PIECES = ["a", "é", "e\u0301", "\u0323\u0301", " ", "   ", "\n", "1", "!?", "'s", "<|im_start|>", "<|im_end|>"]
+PIECES += ["海平面", "\u1100\u1161\u11a8", "\u1161", "\u1f6f", "\u03a9\u0314\u0342\u0345", "🚀\u200d"]
+PIECES += ["x" * 40, " " * 30, "-" * 20, "ĠĠ"]
+
+
+@pytest.fixture(scope="module")
+def processors(models):
+    """The tiny checkpoints' processor (longest token: 20 characters) and the same with Qwen's real vocabulary
+    (longest token: 128 bytes)."""
+    from synthetic import qwen_tokenizer
+
+    tiny = models("gqa2-sharded").processor
+    qwen = copy.copy(tiny)
+    qwen.tokenizer = qwen_tokenizer()
+    qwen.token_chars = max(map(len, qwen.tokenizer.get_vocab(with_added_tokens=True)))
+    assert (tiny.token_chars, qwen.token_chars) == (20, 128)
+    return {"tiny": tiny, "qwen": qwen}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=400), st.integers(1, 8), st.sampled_from(["tiny", "qwen"]))
+def test_a_text_cut_before_tokenizing_keeps_the_same_tokens(processors, pieces, n, which):
+    """Processor.tokenize reads a long text only as far as n tokens could reach: the kept ids and offsets are
+    the whole text's first n, and `dropped` is exact, or a true lower bound when the text was cut."""
+    p = processors[which]
+    text = "".join(pieces)
+    full = p.tokenizer.encode(text, add_special_tokens=True)
+    item = p.tokenize([text], n)[0]
+    assert item.input_ids == full.ids[:n] and item.offsets == full.offsets[:n]
+    exact = max(0, len(full.ids) - n)
+    assert item.dropped == exact if not item.cut else 1 <= item.dropped <= exact
+
+
+def test_only_the_start_of_a_long_text_is_tokenized(processors, monkeypatch):
+    p, seen = processors["qwen"], []
+    encode_batch = p.tokenizer.encode_batch
+
+    class Recording:  # tokenizers.Tokenizer's methods are read-only: wrap the object instead
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode_batch(self, texts, **kw):
+            seen.extend(map(len, texts))
+            return encode_batch(texts, **kw)
+
+    tokenizer = p.tokenizer
+    monkeypatch.setattr(p, "tokenizer", Recording())
+    text = "the sea rises along the coast; " * 200_000  # 6.2 M characters, 1.4 M tokens
+    item = p.tokenize([text], 100)[0]
+    assert seen == [(100 + 2) * 128] and item.cut == len(text) - seen[0] and len(item.input_ids) == 100
+    assert item.input_ids == tokenizer.encode(text[:5000]).ids[:100]
+    word = "a" * 50_000  # one word longer than the cut: it is tokenized whole, so nothing is guessed
+    item = p.tokenize([word], 100)[0]
+    assert item.cut == 0 and item.dropped == len(tokenizer.encode(word).ids) - 100

@@ -11,7 +11,9 @@ and the files.
 
 from __future__ import annotations
 
+import platform
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,6 +94,38 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype={dtype!r} is not one of {sorted(set(DTYPES))}")
+
+
+CPUINFO = Path("/proc/cpuinfo")  # Linux on Arm: the CPU's extensions
+EMULATED = "this CPU has no native bf16 matmul (AVX512-BF16 or AMX): torch emulates it, ~7x slower than float32"
+
+
+def native_bf16() -> str | None:
+    """AMX or AVX512-BF16 on x86, Linux's `bf16` flag on Arm (oneDNN/ACL use it); None: torch emulates bf16."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        return "AMX" if amx else "AVX512-BF16" if avx512 else None
+    if machine in ("aarch64", "arm64") and CPUINFO.is_file():
+        flags = re.search(r"^Features\s*:(.*)$", CPUINFO.read_text(), re.MULTILINE)
+        return "BF16" if flags and "bf16" in flags[1].split() else None
+    return None  # macOS and the rest: counted as emulating
+
+
+def choose_dtype(device: torch.device, checkpoint: torch.dtype, asked: torch.dtype | None) -> tuple[torch.dtype, str]:
+    """-> (dtype, why). asked=None: the checkpoint's, except float32 for a bf16 checkpoint on a CPU that emulates
+    bf16 (twice the memory, ~7x the speed). bf16 asked for on such a CPU is kept, with a warning."""
+    if asked is None and (device.type != "cpu" or checkpoint != torch.bfloat16):
+        return checkpoint, f"the checkpoint's dtype, on {device.type}"
+    native = native_bf16() if device.type == "cpu" else device.type  # a GPU multiplies bf16 natively
+    if asked is None and native:
+        return checkpoint, f"the checkpoint's dtype; this CPU multiplies bf16 natively ({native})"
+    if asked is None:
+        return torch.float32, EMULATED
+    if asked == torch.bfloat16 and not native:
+        warnings.warn(f"dtype=bfloat16: {EMULATED}", stacklevel=3)  # once per calling line
+        return asked, f"as asked; {EMULATED}"
+    return asked, "as asked"
 
 
 def resolve(

@@ -19,7 +19,7 @@ from ..pipeline import EncodeAPI
 from . import lora
 from .config import AdapterConfig, JinaV4Config, Task
 from .heads import MeanPooling
-from .loading import load_checkpoint, read_configs, reference_name, resolve, to_dtype
+from .loading import choose_dtype, load_checkpoint, read_configs, reference_name, resolve, to_dtype
 from .processing import Batch, Processor
 from .text import TextModel
 from .vision import VisionTower
@@ -37,6 +37,7 @@ class JinaV4(EncodeAPI, nn.Module):
         self.processor: Processor | None = None
         self._task: str | None = None
         self.max_batch_tokens = 16384  # tokens (+ image patches) per forward pass: what bounds memory
+        self.dtype_reason = ""  # why from_pretrained chose the dtype (loading.choose_dtype); the CLI prints it
 
     @classmethod
     def from_pretrained(
@@ -50,15 +51,18 @@ class JinaV4(EncodeAPI, nn.Module):
         local_files_only: bool = False,
         token: str | bool | None = None,
     ) -> JinaV4:
-        """A checkpoint directory or hub repo id. device: default cuda if available, else cpu.
-        dtype: default the checkpoint's torch_dtype (bfloat16 for the release); float64 for exactness proofs."""
+        """A checkpoint directory or hub repo id. device: default cuda if available, else cpu. dtype: default the
+        checkpoint's torch_dtype (bfloat16 for the release), except float32 on a CPU without native bf16 matmul
+        (loading.choose_dtype); float64 for exactness proofs."""
         path = resolve(name_or_path, revision, cache_dir, local_files_only, token)
         model = cls.on_meta(path)
         processor = Processor.from_dir(path, model.config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r}: this torch build sees no CUDA device; use device='cpu'")
-        load_checkpoint(model, path, to_dtype(dtype or model.config.torch_dtype), device)
+        asked = None if dtype is None else to_dtype(dtype)
+        dtype, model.dtype_reason = choose_dtype(device, to_dtype(model.config.torch_dtype), asked)
+        load_checkpoint(model, path, dtype, device)
         model.processor = processor
         return model.eval().requires_grad_(False)
 

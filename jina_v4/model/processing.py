@@ -10,6 +10,7 @@ sit. What is pooled from those is the heads' business (heads.py).
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,8 @@ class Item:
     task: str
     pixel_values: torch.Tensor | None = None  # (N, C·t·p·p)
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
-    dropped: int = 0  # tokens cut past max_length
+    dropped: int = 0  # tokens cut past max_length (a lower bound when `cut`)
+    cut: int = 0  # characters of a long text never tokenized: it had more than max_length tokens anyway
     offsets: list[tuple[int, int]] = field(default_factory=list, repr=False)  # text: characters of each token
 
     @property
@@ -127,6 +129,7 @@ class Processor:
         self.vision_start, self.vision_end = config.vision_start_token_id, config.vision_end_token_id
         v = config.vision_config
         self.window = v.window_size // v.spatial_merge_size // v.patch_size  # in merge units
+        self.token_chars = max(map(len, tokenizer.get_vocab(with_added_tokens=True)))  # byte-level: the most bytes
         self.image_prompt = self.tokenize([IMAGE_PROMPT])[0].input_ids
 
     @classmethod
@@ -147,14 +150,20 @@ class Processor:
 
     def tokenize(self, prompts: list[str], max_length: int = MAX_TEXT_TOKENS, task: str = "") -> list[Item]:
         """Prompts -> Items (ids and character offsets), cut on the right at min(max_length, 32768) exactly as
-        the tokenizer's own truncation would cut them (no special tokens are added)."""
+        the tokenizer's own truncation would cut them (no special tokens are added). A prompt longer than n + 2
+        tokens can cover is tokenized that far: its words ending a token's length earlier are the whole text's."""
         if not (isinstance(max_length, int) and max_length > 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        n = min(max_length, MAX_TEXT_TOKENS)
-        return [
-            Item(e.ids[:n], task, dropped=max(0, len(e.ids) - n), offsets=e.offsets[:n])
-            for e in self.tokenizer.encode_batch(prompts, add_special_tokens=True)
-        ]
+        n, items = min(max_length, MAX_TEXT_TOKENS), []
+        ends = [cut_point(p, (n + 2) * self.token_chars) for p in prompts]
+        cut = self.tokenizer.encode_batch([p[:end] for p, end in zip(prompts, ends)], add_special_tokens=True)
+        for p, end, e in zip(prompts, ends, cut):
+            kept = settled(e, end - self.token_chars) if end < len(p) else len(e.ids)
+            if kept < n:  # a word the cut may change reaches into the first n tokens
+                e, end = self.tokenizer.encode(p, add_special_tokens=True), len(p)
+            dropped = len(e.ids) - n if end == len(p) else kept + 1 - n  # a cut text: at least one more token
+            items.append(Item(e.ids[:n], task, dropped=max(0, dropped), offsets=e.offsets[:n], cut=len(p) - end))
+        return items
 
     def image_item(self, image: ImageInput, task: str, max_pixels: int | None = None) -> Item:
         pixels, grid = image_patches(load_image(image), self.image_cfg, max_pixels)
@@ -204,8 +213,8 @@ class Processor:
             items[i] = replace(item, task=tasks[i].name)
             if item.dropped:
                 warnings.warn(
-                    f"{name}[{i}] ({describe(texts[i])}): {item.dropped} tokens past "
-                    f"max_length={min(max_length, MAX_TEXT_TOKENS)} were dropped",
+                    f"{name}[{i}] ({describe(texts[i])}): {'at least ' if item.cut else ''}{item.dropped} tokens "
+                    f"past max_length={min(max_length, MAX_TEXT_TOKENS)} were dropped",
                     stacklevel=4,
                 )
         return items
@@ -273,6 +282,33 @@ def checked_text(text: Any, where: str) -> str:
     except UnicodeEncodeError as e:
         raise InputError(where, text, f"not valid Unicode: a lone surrogate at character {e.start}") from None
     return text
+
+
+def cut_point(text: str, k: int) -> int:
+    """The first index >= k that Unicode normalization cannot reach across (a character that neither decomposes
+    nor combines with the one before it), or len(text) when none comes soon."""
+    for i in range(k, min(len(text), k + 256)):
+        c = text[i]
+        if c < "\x80" or (
+            unicodedata.category(c)[0] in "LNPSZ"
+            and not unicodedata.decomposition(c)
+            and not unicodedata.combining(c)
+            and not "\u1160" <= c <= "\u11ff"  # Hangul vowels and final consonants join the syllable before
+        ):
+            return i
+    return len(text)
+
+
+def settled(encoding, limit: int) -> int:
+    """The leading tokens of the words (pre-tokens) that end by character `limit`: a word ends where the next one
+    starts, and the reported start of a word's first token is never before its true start."""
+    kept = 0
+    for j, (word, (start, _)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+        if start > limit:
+            break
+        if j == 0 or word is None or word != encoding.word_ids[j - 1]:
+            kept = j
+    return kept
 
 
 def preview(s: str, width: int = 40) -> str:

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from jina_v4.model.loading import EMULATED
+
 SCRIPT = shutil.which("jina-v4") or str(Path(sys.executable).parent / "jina-v4")
 TEXTS = ["first text", "zweiter Text", "第三个文本"]
 
@@ -48,7 +50,9 @@ def test_embed_texts_jsonl_stdout(ckpt, models, batch_tol):
     expected = models("gqa4-single").encode_text(TEXTS, task="code", prompt_name="passage")
     assert [r["input"] for r in rows] == TEXTS
     assert torch.allclose(torch.tensor([r["embedding"] for r in rows]), expected, atol=batch_tol("gqa4-single"))
-    assert out.stderr.strip().startswith("embedded 3 items (") and out.stderr.strip().endswith(" s")
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "jina-v4: float32 on cpu (the checkpoint's dtype)"
+    assert lines[-1].startswith("embedded 3 items (") and lines[-1].endswith(" s")
 
 
 def test_embed_from_files_and_stdin(ckpt, models, batch_tol, tmp_path):
@@ -168,6 +172,43 @@ def test_info_and_module_entry(ckpt):
 
 
 @pytest.mark.parametrize(
+    "native, dtype, line",
+    [
+        (None, [], "float32 on cpu (" + EMULATED + ")"),
+        ("AMX", [], "bfloat16 on cpu (the checkpoint's dtype; this CPU multiplies bf16 natively: AMX)"),
+        (None, ["--dtype", "bfloat16"], "bfloat16 on cpu (as asked; " + EMULATED + ")"),
+        ("AVX512-BF16", ["--dtype", "float32"], "float32 on cpu (as asked)"),
+    ],
+)
+def test_the_dtype_and_why_once(checkpoints, native, dtype, line):
+    """A bf16 checkpoint on CPUs with and without native bf16 (the detector patched in the process): one line on
+    stderr says the dtype and why, and replaces the emulation warning; --quiet silences it; `info` shows it."""
+    code = (
+        f"import sys, jina_v4.model.loading as m; m.native_bf16 = lambda: {native!r}; "
+        "from jina_v4.apps.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    bf16 = checkpoints["mha-bf16"]
+    for quiet in ([], ["--quiet"]):
+        out = subprocess.run(
+            [sys.executable, "-c", code, "embed", "a text", "--model", bf16, "--device", "cpu", *dtype, *quiet],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=300,
+        )
+        assert out.returncode == 0 and len(json.loads(out.stdout)["embedding"]) == 96, out.stderr
+        lines = out.stderr.splitlines()
+        assert out.stderr == "" if quiet else lines[:-1] == [f"jina-v4: {line}"] and "embedded 1" in lines[-1], lines
+    info = subprocess.run(
+        [sys.executable, "-c", code, "info", "--model", bf16, "--device", "cpu", *dtype],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert info.returncode == 0 and info.stderr == "" and f"dtype: {line}; the weights take bfloat16 " in info.stdout
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
@@ -186,8 +227,9 @@ def test_errors_are_one_line(ckpt, images, tmp_path, args, message):
     args = [a.replace("IMAGES", str(images)) for a in args]
     out = run(*args, "--model", ckpt, ok=False)
     assert out.returncode == 1
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("jina-v4: error: "), out.stderr
-    assert message in out.stderr
+    *before, last = out.stderr.splitlines()  # the error is one line, after the dtype line once a model loaded
+    assert last.startswith("jina-v4: error: ") and message in last, out.stderr
+    assert before in ([], ["jina-v4: float32 on cpu (the checkpoint's dtype)"]), out.stderr
 
 
 def test_bad_option_and_missing_model():

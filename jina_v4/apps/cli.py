@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_MODEL
+from .common import DEFAULT_MODEL, loaded_model
+
+DTYPE_HELP = "bfloat16, float16 or float32 (default: the checkpoint's; float32 on a CPU without native bf16)"
 
 
 class CLIError(Exception):
@@ -25,9 +27,7 @@ class CLIError(Exception):
 
 
 def load_model(args):
-    from ..model import JinaV4
-
-    model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = loaded_model(args.model, args.device, args.dtype, args.quiet)
     model.task = args.task
     return model
 
@@ -190,6 +190,7 @@ def info(args) -> None:
         f"single vector: {t.hidden_size}-d, Matryoshka dims {list(c.matryoshka_dims)}; "
         f"multi-vector: {c.multi_vector_projector_dim}-d per token"
     )
+    print(dtype_line(model, sum(counts.values()), args.device, args.dtype))
     width = max(len(r[0]) for r in rows)
     print(f"{'component':<{width}}  {'tensors':>7}  {'parameters':>15}")
     for name, n_tensors, n_params in rows:
@@ -207,6 +208,22 @@ def info(args) -> None:
             for name, p in model.state_dict().items():
                 if name.startswith(prefix) and (".lora_" not in name or name.endswith("." + c.task_names[0])):
                     print(f"  {name:<58} {str(tuple(p.shape)):>16} {p.numel():>13,}")
+
+
+def dtype_line(model, parameters: int, device: str | None, dtype: str | None) -> str:
+    """What from_pretrained would choose here (loading.choose_dtype), and what the weights take in each dtype."""
+    import warnings
+
+    import torch
+
+    from ..model.loading import choose_dtype, to_dtype
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the line says it
+        chosen, why = choose_dtype(device, to_dtype(model.config.torch_dtype), dtype and to_dtype(dtype))
+    sizes = ", ".join(f"{d} {parameters * to_dtype(d).itemsize / 2**30:.2f} GiB" for d in ("bfloat16", "float32"))
+    return f"dtype: {str(chosen).removeprefix('torch.')} on {device} ({why}); the weights take {sizes}"
 
 
 def checkpoint_tasks(argv: list[str]) -> dict:
@@ -236,10 +253,10 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if task:
             p.add_argument("--task", default="retrieval", help=f"a task of the checkpoint: {names} (default retrieval)")
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-            p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+            p.add_argument("--dtype", help=DTYPE_HELP)
             p.add_argument("--max-pixels", type=int, help="image size bound for this run (default: the config's)")
             p.add_argument("--batch-size", type=int, help="most items per forward pass (default: a token budget)")
-            p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+            p.add_argument("--quiet", action="store_true", help="no dtype line, no progress bar, no summary line")
             p.add_argument(
                 "--deterministic",
                 action="store_true",
@@ -312,8 +329,10 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     model_options(p)
     p.set_defaults(run=heatmap)
 
-    p = sub.add_parser("info", help="the checkpoint's config and parameter counts (reads no weights)")
+    p = sub.add_parser("info", help="the checkpoint's config, parameter counts and dtype (reads no weights)")
     p.add_argument("--layers", action="store_true", help="also every tensor of one layer, block and head")
+    p.add_argument("--device", help="the device to choose the dtype for (default: cuda when available)")
+    p.add_argument("--dtype", help="a dtype to check on that device instead of the default")
     model_options(p, task=False)
     p.set_defaults(run=info)
 

@@ -5,11 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 
 from ..model.processing import preview
 
 DEFAULT_MODEL = "jinaai/jina-embeddings-v4"
+
+
+def loaded_model(name: str, device: str | None, dtype: str | None, quiet: bool = False):
+    """JinaV4.from_pretrained, then one line on stderr unless quiet: the dtype, the device and why
+    (loading.choose_dtype). That line replaces the warning for bf16 asked for on a CPU that emulates it."""
+    from ..model import JinaV4
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dtype=bfloat16: ")
+        model = JinaV4.from_pretrained(name, device=device, dtype=dtype)
+    if not quiet:
+        dtype_name = str(model.dtype).removeprefix("torch.")
+        print(f"jina-v4: {dtype_name} on {model.device} ({model.dtype_reason})", file=sys.stderr, flush=True)
+    return model
 
 
 def atomic_write(path: Path, write) -> None:

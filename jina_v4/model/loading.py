@@ -97,7 +97,7 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 CPUINFO = Path("/proc/cpuinfo")  # Linux on Arm: the CPU's extensions
-EMULATED = "this CPU has no native bf16 matmul (AVX512-BF16 or AMX): torch emulates it, ~7x slower than float32"
+EMULATED = "this CPU has no native bf16 matmul (AVX512-BF16 or AMX): torch emulates bf16, ~7x slower than float32"
 
 
 def native_bf16() -> str | None:
@@ -116,10 +116,10 @@ def choose_dtype(device: torch.device, checkpoint: torch.dtype, asked: torch.dty
     """-> (dtype, why). asked=None: the checkpoint's, except float32 for a bf16 checkpoint on a CPU that emulates
     bf16 (twice the memory, ~7x the speed). bf16 asked for on such a CPU is kept, with a warning."""
     if asked is None and (device.type != "cpu" or checkpoint != torch.bfloat16):
-        return checkpoint, f"the checkpoint's dtype, on {device.type}"
+        return checkpoint, "the checkpoint's dtype"
     native = native_bf16() if device.type == "cpu" else device.type  # a GPU multiplies bf16 natively
     if asked is None and native:
-        return checkpoint, f"the checkpoint's dtype; this CPU multiplies bf16 natively ({native})"
+        return checkpoint, f"the checkpoint's dtype; this CPU multiplies bf16 natively: {native}"
     if asked is None:
         return torch.float32, EMULATED
     if asked == torch.bfloat16 and not native:

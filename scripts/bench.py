@@ -18,7 +18,12 @@ The reference is transformers Qwen2.5-VL + peft (scripts/reference.py) run as th
 batches of 8 in input order, padded, half precision under autocast; "as released" also computes the tied LM
 head's logits for every token and keeps every layer's hidden states, "no LM head" does neither.
 
+On a CPU it first prints the CPU's capability (torch.backends.cpu.get_cpu_capability()), whether it multiplies
+bf16 natively, and one 512x2048x11008 matmul's rate in each dtype; the bfloat16 rows are skipped where bf16 is
+emulated (--emulated-bf16 runs them, labelled so).
+
     python scripts/bench.py --dtype float32 bfloat16 --texts 64 --images 8
+    python scripts/bench.py --matmul-only        # the matmul rates alone, in seconds
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from jina_v4 import JinaV4  # noqa: E402
 from jina_v4.model.images import image_patches, load_image  # noqa: E402
+from jina_v4.model.loading import native_bf16  # noqa: E402
 
 from synthetic import real_width, write_checkpoint  # noqa: E402
 
@@ -296,7 +302,8 @@ def write_full_size(path: Path) -> Path:
 # ---- the whole run --------------------------------------------------------------------------------------
 
 
-def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
+def bench_dtype(args, ckpt: Path, dtype: str, device, label: str) -> list[tuple]:
+    """The rows of one dtype, named `label` (the dtype, marked when the CPU emulates it)."""
     from reference import Reference
 
     tdtype = getattr(torch, dtype)
@@ -343,7 +350,7 @@ def bench_dtype(args, ckpt: Path, dtype: str, device) -> list[tuple]:
     ref = None
     gc.collect()
 
-    mib = 2**20
+    mib, dtype = 2**20, label
     rows.append((f"{dtype}: text tokens/s", n_tokens / t_ours, n_tokens / t_rel, n_tokens / t_nolm, ">= 1.5x, >= 1.2x"))
     rows.append((f"{dtype}: images/s", len(images) / ti_ours, len(images) / ti_rel, None, ">= 2x"))
     rows.append((f"{dtype}: text peak MiB", m_ours / mib, m_rel / mib, m_nolm / mib, "lower"))
@@ -417,6 +424,18 @@ def bench_training(args, ckpt: Path, device) -> list[tuple]:
     ]
 
 
+def matmul_rates(device, dtypes: list[str], runs: int) -> dict[str, float]:
+    """GFLOP/s of one (512, 2048) x (2048, 11008) product, the decoder's widest, in each dtype: what a CPU's
+    bf16 is worth (emulated: several times slower than float32; native: faster)."""
+    rates = {}
+    for dtype in dtypes:
+        x = torch.randn(512, 2048, dtype=getattr(torch, dtype), device=device)
+        w = torch.randn(11008, 2048, dtype=getattr(torch, dtype), device=device)
+        t, _ = measure(lambda: F.linear(x, w), runs, device)
+        rates[dtype] = 2 * 512 * 2048 * 11008 / t / 1e9
+    return rates
+
+
 def ref_image_cfg(ckpt: Path):
     from jina_v4.model.config import PreprocessorConfig, read_json
 
@@ -447,8 +466,27 @@ def main() -> None:
     ap.add_argument("--train-texts", type=int, default=16, help="texts of the training batch (f)")
     ap.add_argument("--train-max-tokens", type=int, default=512)
     ap.add_argument("--training-only", action="store_true", help="run f) alone")
+    ap.add_argument("--matmul-only", action="store_true", help="only the 512x2048x11008 matmul rate of each dtype")
+    ap.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="run the bfloat16 rows on a CPU without native bf16 too (skipped by default: hours, and not the "
+        "dtype jina_v4 would choose there)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
+    native = native_bf16() if device.type == "cpu" else device.type
+    if device.type == "cpu":
+        bf16 = f"native ({native})" if native else "emulated (no AVX512-BF16 or AMX)"
+        print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 matmul {bf16}", flush=True)
+    rates = matmul_rates(device, args.dtype, args.runs)
+    print("512x2048x11008 matmul: " + ", ".join(f"{d} {r:.1f} GFLOP/s" for d, r in rates.items()), flush=True)
+    if args.matmul_only:
+        return
+    labels = {d: d if d != "bfloat16" or native else "bfloat16 (emulated)" for d in args.dtype}
+    if "bfloat16" in labels and not native and not args.emulated_bf16:
+        print("bfloat16 rows skipped: this CPU emulates bf16 (--emulated-bf16 runs them anyway)", flush=True)
+        del labels["bfloat16"]
     root = Path(args.dir)
     spec = real_width(args.layers, args.vision_layers)
     ckpt = root / spec.name
@@ -456,10 +494,10 @@ def main() -> None:
         write_checkpoint(ckpt, spec, seed=0)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; checkpoint {ckpt}")
     rows = []
-    for dtype in [] if args.training_only else args.dtype:
-        rows += bench_dtype(args, ckpt, dtype, device)
+    for dtype in [] if args.training_only else labels:
+        rows += bench_dtype(args, ckpt, dtype, device, labels[dtype])
     rows += bench_training(args, ckpt, device)
-    print(f"\n{'measure':<34} {'jina_v4':>10} {'ref':>10} {'ratio':>7} {'ref noLM':>10} {'ratio':>7}  target")
+    print(f"\n{'measure':<38} {'jina_v4':>10} {'ref':>10} {'ratio':>7} {'ref noLM':>10} {'ratio':>7}  target")
     for name, ours, rel, nolm, target in rows:
         lower_better = "peak" in name
 
@@ -467,7 +505,7 @@ def main() -> None:
             return "" if x is None else f"{(x / ours if lower_better else ours / x):.2f}"
 
         fmt = lambda x: "" if x is None else f"{x:.3g}" if x < 100 else f"{x:,.0f}"
-        print(f"{name:<34} {fmt(ours):>10} {fmt(rel):>10} {r(rel):>7} {fmt(nolm):>10} {r(nolm):>7}  {target}")
+        print(f"{name:<38} {fmt(ours):>10} {fmt(rel):>10} {r(rel):>7} {fmt(nolm):>10} {r(nolm):>7}  {target}")
     if not args.skip_load and not args.training_only and device.type == "cpu":
         full = write_full_size(root / "full-size-bf16")
         out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(full)], capture_output=True, text=True)

@@ -19,7 +19,8 @@ phase that would start after --budget seconds is skipped):
 
 The reference is scripts/reference.py (transformers 4.52.4 or 5.x, + peft); without it, parity compares bf16 to
 jina_v4's own fp32 and speed has no reference column. `--tiny --device cpu` runs the same code on a tiny
-checkpoint in seconds (tests/test_gpu_check.py). From the repository root:
+checkpoint in seconds (tests/test_gpu_check.py); on a CPU the run first prints the CPU's capability and whether it
+multiplies bf16 natively, and where bf16 is emulated the speed rows say so. From the repository root:
 
     PYTHONPATH=. python3 scripts/gpu_check.py --device cuda --out gpu_check.json
 
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jina_v4 import JinaV4, execution  # noqa: E402
+from jina_v4.model.loading import native_bf16  # noqa: E402
 
 from bench import decoder_flops, flop_ratio, measure, reference_images, reference_texts, texts_of, write_random  # noqa: E402
 from parity import THRESHOLDS, probe_images  # noqa: E402
@@ -458,6 +460,8 @@ def environment(args) -> dict:
         "tf32": False,
         "sizes": {k: getattr(args, k) for k in SIZES},
     }
+    if torch.device(args.device).type == "cpu":  # every phase runs bf16: native, or emulated and slow
+        env["cpu"] = {"capability": torch.backends.cpu.get_cpu_capability(), "bf16": native_bf16() or "emulated"}
     if torch.device(args.device).type == "cuda":
         p = torch.cuda.get_device_properties(0)
         env["gpu"] = {
@@ -490,8 +494,10 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def table(report: dict) -> str:
-    """The figures side by side (jina_v4 padded, varlen, the reference, the goal), then one line per phase."""
-    phases = report["phases"]
+    """The figures side by side (jina_v4 padded, varlen, the reference, the goal), then one line per phase. On a
+    CPU, a first line gives its capability; where it emulates bf16 the speed rows say so."""
+    phases, cpu = report["phases"], report["env"].get("cpu")
+    tag = " [bf16 emulated]" if cpu and cpu["bf16"] == "emulated" else ""
 
     def get(*path):
         d = phases
@@ -542,9 +548,10 @@ def table(report: dict) -> str:
         ("pages/s", "pages_per_s", ""),
         ("page peak MiB above the weights", "page_peak_mib", ""),
     ):
-        rows.append((f"speed: {label}", *(get("speed", c, key) for c in cols), goal))
-    lines = [f"{'measure':<50} {'padded':>10} {'varlen':>10} {'reference':>10}  goal"]
-    lines += [f"{label:<50} {fmt(a):>10} {fmt(b):>10} {fmt(c):>10}  {goal or ''}" for label, a, b, c, goal in rows]
+        rows.append((f"speed: {label}{tag}", *(get("speed", c, key) for c in cols), goal))
+    lines = [f"CPU capability {cpu['capability']}, bf16 {cpu['bf16']}"] if cpu else []
+    lines += [f"{'measure':<58} {'padded':>10} {'varlen':>10} {'reference':>10}  goal"]
+    lines += [f"{label:<58} {fmt(a):>10} {fmt(b):>10} {fmt(c):>10}  {goal or ''}" for label, a, b, c, goal in rows]
     notes = {
         "checkpoint": lambda p: (
             f"{p['gib']:.2f} GiB, {p['parameters'] / 1e9:.3g} B parameters, {'reused' if p['reused'] else 'written'}"
@@ -562,7 +569,7 @@ def table(report: dict) -> str:
             f"fp32 pass: {fmt(p['fp32_pass'])}; reference: {p['reference']}"
         ),
         "flops": lambda p: (
-            f"bf16 matmul {fmt(p['matmul_decoder_shapes_tflops'])} TFLOP/s (decoder shapes), "
+            f"bf16{tag} matmul {fmt(p['matmul_decoder_shapes_tflops'])} TFLOP/s (decoder shapes), "
             f"{fmt(p['matmul_square_tflops'])} ({p['square']}^3); packed forward of "
             f"{p['forward_tokens']} tokens {fmt(p['forward_tflops'])} TFLOP/s = "
             f"{fmt(p['forward_fraction'])} of its matmuls"
@@ -618,6 +625,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     start, out = time.perf_counter(), Path(args.out)
     report = {"env": environment(args), "phases": {}}
+    if "cpu" in report["env"]:
+        print(f"CPU capability {report['env']['cpu']['capability']}, bf16 {report['env']['cpu']['bf16']}", flush=True)
     ctx = {"args": args, "models": {}}
     funcs = {
         "checkpoint": phase_checkpoint,

@@ -55,6 +55,24 @@ def test_every_phase_runs_and_reports(tiny_run):
     assert len(act["residual_rms_by_layer"]) == 3  # the embeddings, after each of the 2 layers, the final norm
 
 
+def test_the_cpu_and_emulated_bf16_are_named(tiny_run):
+    """On a CPU: its capability first, and the bf16 speed rows marked where the CPU emulates bf16 (the table
+    redrawn from the run's report with either answer, whatever this CPU has)."""
+    import gpu_check
+
+    proc, out, _ = tiny_run
+    report = json.loads(out.read_text())
+    cpu = report["env"]["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"CPU capability {cpu['capability']}, bf16 {cpu['bf16']}" in proc.stdout
+    for bf16, marked in (("AVX512-BF16", False), ("emulated", True)):
+        report["env"]["cpu"]["bf16"] = bf16
+        lines = gpu_check.table(report).splitlines()
+        speed = [line for line in lines if line.startswith("speed: ")]
+        assert lines[0] == f"CPU capability {cpu['capability']}, bf16 {bf16}" and len(speed) == 5
+        assert all(("[bf16 emulated]" in line) == marked for line in speed)
+
+
 def test_parity_on_the_tiny_model(tiny_run):
     from jina_v4 import JinaV4
 

@@ -97,7 +97,7 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 CPUINFO = Path("/proc/cpuinfo")  # Linux on Arm: the CPU's extensions
-EMULATED = "this CPU has no native bf16 matmul (AVX512-BF16 or AMX): torch emulates bf16, ~7x slower than float32"
+EMULATED = "this CPU has no native bf16 matmul (AVX512-BF16 or AMX): torch emulates bf16, up to 7x slower than float32"
 
 
 def native_bf16() -> str | None:
@@ -114,7 +114,7 @@ def native_bf16() -> str | None:
 
 def choose_dtype(device: torch.device, checkpoint: torch.dtype, asked: torch.dtype | None) -> tuple[torch.dtype, str]:
     """-> (dtype, why). asked=None: the checkpoint's, except float32 for a bf16 checkpoint on a CPU that emulates
-    bf16 (twice the memory, ~7x the speed). bf16 asked for on such a CPU is kept, with a warning."""
+    bf16 (twice the memory, 3-7x the speed). bf16 asked for on such a CPU is kept, with a warning."""
     if asked is None and (device.type != "cpu" or checkpoint != torch.bfloat16):
         return checkpoint, "the checkpoint's dtype"
     native = native_bf16() if device.type == "cpu" else device.type  # a GPU multiplies bf16 natively

@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -18,17 +19,17 @@ import types
 import urllib.error
 import urllib.request
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from openai import AuthenticationError, BadRequestError, OpenAI
 from PIL import Image
 
 from jina_v4 import encode_chunks
 from jina_v4.apps.http_formats import Limits
-from jina_v4.apps.serve import create_app
+from jina_v4.apps.serve import create_app, make_server
 from jina_v4.model.processing import Item
 
 CKPT = "gqa4-single"
@@ -43,12 +44,12 @@ SUNSET = [
 
 
 class Server:
-    """uvicorn serving `app` from a thread, on a free port of 127.0.0.1."""
+    """uvicorn serving `app` from a thread, on a free port of 127.0.0.1, as `jina-v4 serve` runs it (make_server)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **kw):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.app, self.server = app, uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.app, self.server = app, make_server(app, log_level="warning", **kw)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -62,16 +63,21 @@ class Server:
         assert not self.thread.is_alive()
 
 
-def call(url, body=None, key=None, raw=None, method=None, timeout=120):
-    """-> (status, decoded JSON body)."""
+def call(url, body=None, key=None, raw=None, method=None, timeout=120, headers=None, full=False):
+    """-> (status, decoded JSON body), and the response headers with full=True."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+        **(headers or {}),
+    }
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            status, out, got = r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        status, out, got = e.code, json.loads(e.read()), e.headers
+    return (status, out, got) if full else (status, out)
 
 
 def embed(server, body, **kw):
@@ -102,7 +108,8 @@ def model(models):
 
 @pytest.fixture(scope="module")
 def server(model, checkpoints):
-    s = Server(create_app(model, str(checkpoints[CKPT]), Limits(allow_urls=True, **LIMITS)))
+    """Image URLs allowed, private addresses too: the test's remote is a server on 127.0.0.1."""
+    s = Server(create_app(model, str(checkpoints[CKPT]), Limits(allow_urls=True, allow_private_urls=True, **LIMITS)))
     yield s
     s.stop()
 
@@ -115,25 +122,37 @@ def strict(model, checkpoints):
     s.stop()
 
 
+class Web(str):
+    """The loopback remote's base URL; `completed` counts the slow answers sent to their end."""
+
+    completed: Counter
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    """A loopback HTTP server with two PNGs, a file over the size cap, and a redirect to an ftp:// URL."""
+    """A loopback HTTP server with two PNGs, a file over the size cap, a redirect to an ftp:// URL, and /slow: a
+    valid PNG sent one byte every 50 ms (its answer takes 10 s and more)."""
     d = tmp_path_factory.mktemp("web")
     (d / "beach1.png").write_bytes(png(96, 64, 1))
     (d / "beach2.png").write_bytes(png(50, 80, 2))
     (d / "big.png").write_bytes(png(96, 64, 3) + os.urandom(LIMITS["max_body_bytes"]))
+    completed = Counter()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
-            if self.path == "/slow":  # a valid PNG, one byte every 50 ms
-                data = png(8, 8)
+            if self.path == "/slow":
+                data = png(8, 8) + b"\0" * 200
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                for b in data:
-                    self.wfile.write(bytes([b]))
-                    self.wfile.flush()
-                    time.sleep(0.05)
+                try:
+                    for b in data:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    completed[self.path] += 1
+                except OSError:  # the fetch gave up and closed the connection
+                    pass
             elif self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "ftp://127.0.0.1:1/beach1.png")
@@ -146,7 +165,9 @@ def web(tmp_path_factory):
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(d)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", d
+    base = Web(f"http://127.0.0.1:{httpd.server_address[1]}")
+    base.completed = completed
+    yield base, d
     httpd.shutdown()
 
 
@@ -249,7 +270,7 @@ def test_truncate(model, batch_tol, checkpoints):
 
 def test_openai_client_and_key(strict, model):
     client = OpenAI(base_url=f"{strict.url}/v1", api_key="secret", max_retries=0)
-    texts = ["hello world", "second text", ""]
+    texts = ["hello world", "second text", " "]
     r = client.embeddings.create(model="jina-embeddings-v4", input=texts)  # the client asks for base64
     expected = model.encode(texts, task="text-matching", deterministic=True)
     assert torch.equal(torch.tensor([d.embedding for d in r.data], dtype=torch.float32), expected)
@@ -266,6 +287,8 @@ def test_openai_client_and_key(strict, model):
     assert torch.equal(torch.tensor([d.embedding for d in r.data]), expected) and r.usage.total_tokens == 6
     with pytest.raises(BadRequestError, match="valid values are"):
         client.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(BadRequestError, match=r"input\[1\] is an empty text"):  # as OpenAI's own API refuses it
+        client.embeddings.create(model="jina-embeddings-v4", input=["x", ""])
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=f"{strict.url}/v1", api_key="wrong", max_retries=0).embeddings.create(model="x", input="a")
     assert call(strict.url + "/v1/embeddings", {"input": "a"})[0] == 401
@@ -315,33 +338,53 @@ REFUSALS = [  # (body, raw bytes, status, words in the message, index)
     ({"input": [{"image": b64(bomb())}]}, None, 400, "DecompressionBomb", 0),
     ({"input": [{"image": b64(png(1100, 1000, solid=True))}]}, None, 400, "--max-image-pixels", 0),
     ({"input": [{"image": b64(png(600, 2))}]}, None, 400, "aspect ratio", 0),
+    ({"input": [[]]}, None, 400, "empty token-id list", 0),
+    ({"input": [[5], []]}, None, 400, "empty token-id list", 1),
+    ({"input": ""}, None, 400, "empty text", 0),
+    ({"input": ["a", {"text": ""}]}, None, 400, "empty text", 1),
+    ({"input": [{"image": b64(b"%PDF-1.7\n/Type /Catalog /Pages 2 0 R\n" * 3)}]}, None, 400, "image formats", 0),
+    ({"input": [{"image": b64(b"\x00\x00\x01\x00 an icon, not read here" * 4)}]}, None, 400, "image formats", 0),
+    ({"input": [{"image": b64(b"BM but no bitmap")}]}, None, 400, "none of PNG, JPEG", 0),
+    ({"input": "a", "model": "/etc"}, None, 400, '"jina-embeddings-v4"', None),
 ]
 
 
 @pytest.mark.parametrize("body,raw,status,words,index", REFUSALS, ids=[str(i) for i in range(len(REFUSALS))])
-def test_refusals(server, model, body, raw, status, words, index):
+def test_refusals(server, model, checkpoints, body, raw, status, words, index):
     got, out = call(server.url + "/v1/embeddings", body, raw=raw)
-    assert got == status and words in out["error"]["message"], out
-    assert out["error"]["index"] == index and (index is None or f"input[{index}]" in out["error"]["message"])
+    message = out["error"]["message"]
+    assert got == status and words in message, out
+    assert out["error"]["index"] == index and (index is None or f"input[{index}]" in message)
+    assert not re.search(r"0x[0-9a-fA-F]{6}|Traceback|File \"", message) and str(checkpoints[CKPT]) not in message
+    assert "file path" not in message or "file path" in words  # base64 of another format is not called a path
     assert embed(server, {"input": ["still up"]})["data"][0]["index"] == 0
 
 
 def test_image_urls(server, strict, web, model):
+    """The remote's failures are told in the server's words only: no status, no reason, no Location."""
     base, _ = web
     for url, words in [
         (f"{base}/big.png", "size cap"),
-        (f"{base}/missing.png", "HTTPError"),
-        (f"{base}/redirect", "non-http(s)"),
+        (f"{base}/missing.png", "the image URL could not be fetched"),
+        (f"{base}/redirect", "was redirected to a URL that is not http(s)"),
     ]:
         status, out = call(server.url + "/v1/embeddings", {"input": ["a", {"image": url}]})
-        assert status == 400 and words in out["error"]["message"] and out["error"]["index"] == 1, out
+        message = out["error"]["message"]
+        assert status == 400 and words in message and out["error"]["index"] == 1, out
+        assert not re.search(r"404|Not Found|ftp:|HTTPError|Errno", message), message
     status, out = call(strict.url + "/v1/embeddings", {"input": [{"image": f"{base}/beach1.png"}]}, key="secret")
     assert status == 400 and "--allow-urls" in out["error"]["message"]
-    s = Server(create_app(model, "tiny", Limits(allow_urls=True, url_timeout=0.5)))
+
+
+def test_a_slow_url_meets_its_deadline(model, web):
+    """/slow sends one byte every 50 ms for over 10 s: the fetch gives up at its 0.5 s deadline, all of the fetch
+    (not per read), and the answer comes while the remote is still sending (an event, not a clock reading)."""
+    base, _ = web
+    s = Server(create_app(model, "tiny", Limits(allow_urls=True, allow_private_urls=True, url_timeout=0.5)))
     try:
-        t = time.perf_counter()
         status, out = call(s.url + "/v1/embeddings", {"input": [{"image": f"{base}/slow"}]})
-        assert status == 400 and "took over 0.5 s" in out["error"]["message"] and time.perf_counter() - t < 3
+        assert base.completed["/slow"] == 0, "the remote finished sending before the answer came"
+        assert status == 400 and "took over 0.5 s (--url-timeout)" in out["error"]["message"], out
     finally:
         s.stop()
 
@@ -529,6 +572,35 @@ def test_404_and_405_are_json(server):
     assert call(server.url + "/nowhere")[0] == 404
     status, out = call(server.url + "/v1/embeddings")
     assert status == 405 and "error" in out
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_bodies_that_are_not_json_get_415(server, content_type):
+    status, out = call(server.url + "/v1/embeddings", {"input": "a"}, headers={"Content-Type": content_type})
+    assert status == 415 and "application/json" in out["error"]["message"] and content_type in out["error"]["message"]
+    for ok in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        assert call(server.url + "/v1/embeddings", {"input": "a"}, headers={"Content-Type": ok})[0] == 200
+
+
+def test_no_server_path_reaches_a_client(server, checkpoints):
+    """/health, /v1/models and the unknown-model error name the checkpoint by its directory's name only."""
+    path = str(checkpoints[CKPT])
+    answers = [call(server.url + "/health")[1], call(server.url + "/v1/models")[1]]
+    answers.append(call(server.url + "/v1/embeddings", {"input": "a", "model": "x"})[1])
+    assert all(path not in json.dumps(a) for a in answers)
+    assert answers[0]["model"] == CKPT and [m["id"] for m in answers[1]["data"]] == ["jina-embeddings-v4", CKPT]
+    assert call(server.url + "/v1/embeddings", {"input": "a", "model": CKPT})[0] == 200
+
+
+def test_a_failure_inside_the_model_tells_the_client_nothing_of_the_server(server, monkeypatch):
+    worker = server.app.state.worker
+
+    def broken(group):
+        raise RuntimeError(f"at <_io.BytesIO object at 0x7f3a2b1c4d50> in {__file__}")
+
+    monkeypatch.setattr(worker, "encode", broken)
+    status, out = call(server.url + "/v1/embeddings", {"input": ["a"]})
+    assert status == 500 and out["error"]["message"] == "internal error; the server's log has the details"
 
 
 def test_serve_without_the_extra(checkpoints):

@@ -3,9 +3,11 @@
 Jina's: `input` as strings or {"text"} / {"image"} objects, `task`, `dimensions`, `embedding_type`,
 `return_multivector`, `late_chunking`, `truncate`, `normalized`. OpenAI's: `input` as a string, strings or token ids,
 `encoding_format`, `dimensions`, `user`. A body is OpenAI's when it names `encoding_format` or sends token ids.
-Every refusal is a `RequestError`: an HTTP status and a message naming the input index. Images are decoded here
-(a data URI, bare base64, or an http(s) URL when allowed) and reach the model as PIL images, so a request never
-makes the server read its own disk.
+Every refusal is a `RequestError`: an HTTP status and a message naming the input index, with nothing of the
+server's own in it (no path, no heap address, no traceback). Images are decoded here (a data URI, bare base64, or
+an http(s) URL when allowed, fetched by url_fetch.py) and reach the model as PIL images, so a request never makes
+the server read its own disk. What a request holds (decoded pixels, tokens) is reserved from the server's budget
+as it is known, through `reserve`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import binascii
 import io
 import json
 import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,13 +61,26 @@ CHUNK_JOIN = " "  # late chunking: the document is the input texts joined by one
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, index: int | None = None):
+    def __init__(self, status: int, message: str, index: int | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.index = status, index
+        self.status, self.index, self.headers = status, index, headers or {}
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "code": self.status, "index": self.index}}
+        return {"error": {"message": scrub(str(self)), "type": kind, "code": self.status, "index": self.index}}
+
+
+SERVER_PATHS = sorted({sys.prefix, sys.base_prefix, str(Path.home()), str(Path.cwd())} - {"/"}, key=len)[::-1]
+
+
+def scrub(message: str) -> str:
+    """A message as a client may read it: heap addresses and the server's own directories taken out (a last
+    guard: messages are written not to hold them)."""
+    message = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", message)
+    message = re.sub(r"\b0x[0-9a-fA-F]{8,}\b", "0x...", message)
+    for path in SERVER_PATHS:
+        message = message.replace(path, "<server path>")
+    return message
 
 
 @dataclass
@@ -77,7 +91,11 @@ class Limits:
     max_body_bytes: int = 32 * 2**20  # request body; also the cap on one downloaded image
     max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
     allow_urls: bool = False
-    url_timeout: float = 10.0  # seconds for one image download, all of it
+    url_timeout: float = 10.0  # seconds for one image URL, all of it (DNS, connect, redirects, body)
+    url_request_timeout: float = 30.0  # seconds for all the image URLs of one request
+    allow_private_urls: bool = False  # fetch loopback, private, link-local, ... addresses too (url_fetch.refusal)
+    max_redirects: int = 3
+    body_timeout: float = 60.0  # seconds for a request's body to arrive
 
 
 @dataclass
@@ -144,6 +162,8 @@ def parse(
         elif not isinstance(v, (str, list)):
             kinds = "strings or token-id lists" if openai else 'strings or {"text"} / {"image"} objects'
             raise RequestError(400, f"input[{i}] is {type(v).__name__}; input takes {kinds}", i)
+        if v == "" or v == {"text": ""}:  # the prompt alone would be embedded; OpenAI's API refuses these too
+            raise RequestError(400, f"input[{i}] is an empty text; send at least one character", i)
     model = valid(body.get("model", names[0]), names, "model")
     task = valid(body.get("task", default_task), list(tasks), "task")
     dimensions = body.get("dimensions")
@@ -174,27 +194,50 @@ def parse(
     return request
 
 
-def prepare(request: Request, model, limits: Limits, tasks: dict[str, tuple[str, str]]) -> tuple[Any, int]:
+def has_urls(request: Request) -> bool:
+    return any(
+        isinstance(v, dict) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v.get("image", "")) for v in request.inputs
+    )
+
+
+def no_budget(**costs: int) -> None:
+    pass
+
+
+def prepare(
+    request: Request,
+    model,
+    limits: Limits,
+    tasks: dict[str, tuple[str, str]],
+    fetch: Callable[[str], bytes] | None = None,
+    reserve: Callable[..., None] = no_budget,
+) -> tuple[Any, int]:
     """Request -> (work, tokens): a list of `Item`s for the model worker, or for late chunking (item, chunk
-    groups) for one `ChunkPooling` head. Runs outside the event loop."""
+    groups) for one `ChunkPooling` head. Runs outside the event loop. fetch(url) -> bytes reads image URLs
+    (url_fetch.Fetcher, None: refused); reserve(pixels=, tokens=) takes what the request holds from the server's
+    budget, or raises the 503 (or 413) to answer."""
     from ..model.processing import Item
 
     task, prompt = tasks[request.task]
     n, x = limits.max_length, request.inputs
     if request.late_chunking:
         texts = [v if isinstance(v, str) else v["text"] for v in x]
-        return chunk_work(texts, task, prompt, request.truncate, model, limits)
+        work, tokens = chunk_work(texts, task, prompt, request.truncate, model, limits)
+        reserve(tokens=tokens)
+        return work, tokens
     if isinstance(x[0], list):  # token ids are embedded as given: no prompt prefix, no tokenizer
         vocab, pad = model.config.text_config.vocab_size, model.config.image_token_id
         for i, ids in enumerate(x):
+            if not ids:
+                raise RequestError(400, f"input[{i}]: an empty token-id list", i)
             bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab or t == pad]
-            if not ids or bad:
+            if bad:
                 why = f"{json.dumps(bad[0])} is not a token id in [0, {vocab}), or is the image placeholder"
-                raise RequestError(400, f"input[{i}]: {why if bad else 'an empty token-id list'}", i)
+                raise RequestError(400, f"input[{i}]: {why}", i)
         items = [Item(list(ids[:n]), task, dropped=max(0, len(ids) - n)) for ids in x]
     else:
         values = [
-            {"image": decode_image(v["image"], i, limits)}
+            {"image": decode_image(v["image"], i, limits, fetch, reserve)}
             if isinstance(v, dict) and "image" in v
             else {"text": v if isinstance(v, str) else v["text"]}
             for i, v in enumerate(x)
@@ -204,12 +247,12 @@ def prepare(request: Request, model, limits: Limits, tasks: dict[str, tuple[str,
         if isinstance(item, Exception):
             raise RequestError(400, str(item), i)
         if item.dropped and not request.truncate:
-            raise RequestError(
-                400,
-                f"input[{i}]: {len(item.input_ids) + item.dropped} tokens, over max_length={n} (truncate is false)",
-                i,
-            )
-    return items, check_tokens(sum(len(it.input_ids) for it in items), limits)
+            count = f"over {n + item.dropped}" if item.cut else str(len(item.input_ids) + item.dropped)
+            raise RequestError(400, f"input[{i}]: {count} tokens, over max_length={n} (truncate is false)", i)
+    tokens = check_tokens(sum(len(it.input_ids) for it in items), limits)
+    patch = model.processor.image_cfg.patch_size
+    reserve(tokens=tokens, pixels=sum(len(it.pixel_values) for it in items if it.pixel_values is not None) * patch**2)
+    return items, tokens
 
 
 def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, model, limits: Limits) -> tuple[tuple, int]:
@@ -230,11 +273,8 @@ def chunk_work(texts: list[str], task: str, prompt: str, truncate: bool, model, 
         start += len(t) + len(CHUNK_JOIN)
     item, _, groups = chunk_item(model, CHUNK_JOIN.join(texts), spans, task, prompt, n)
     if item.dropped and not truncate:
-        raise RequestError(
-            400,
-            f"the joined document is {len(item.input_ids) + item.dropped} tokens, over "
-            f"max_length={n} (truncate is false)",
-        )
+        count = f"over {n + item.dropped}" if item.cut else str(len(item.input_ids) + item.dropped)
+        raise RequestError(400, f"the joined document is {count} tokens, over max_length={n} (truncate is false)")
     try:
         check_chunks(spans, groups, n)
     except EmptyChunk as e:
@@ -252,9 +292,13 @@ def check_tokens(tokens: int, limits: Limits) -> int:
     return tokens
 
 
-def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
+def decode_image(
+    value: str, i: int, limits: Limits, fetch: Callable[[str], bytes] | None, reserve: Callable[..., None]
+) -> Image.Image:
     """An http(s) URL (with --allow-urls), a data URI or bare base64 -> an RGB PIL image; anything else is refused,
     a file path above all: a request never reads the server's disk."""
+    from .url_fetch import FetchError
+
     where = f"input[{i}]"
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
     if scheme:
@@ -262,14 +306,18 @@ def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
             raise RequestError(
                 400, f"{where}: {scheme[1]}:// URLs are refused; send an http(s) URL, a data URI or base64", i
             )
-        if not limits.allow_urls:
+        if fetch is None:
             raise RequestError(
                 400,
                 f"{where}: image URLs are refused (the server runs without --allow-urls); send "
                 "the image as a data URI or base64",
                 i,
             )
-        return open_image(fetch(value, where, i, limits), where, i, limits)
+        try:
+            data = fetch(value)
+        except FetchError as e:
+            raise RequestError(e.status, f"{where}: the image URL {e}", i) from None
+        return open_image(data, where, i, limits, reserve)
     if value.startswith("data:") and ";base64," not in value:
         raise RequestError(400, f"{where}: a data URI must read data:<type>;base64,<data>", i)
     payload = re.sub(r"\s+", "", value.partition(",")[2] if value.startswith("data:") else value)
@@ -277,7 +325,11 @@ def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
         data = None
-    if (data is None or not data.startswith(MAGIC)) and re.search(r"[/\\]|^~|\.[A-Za-z0-9]{2,5}$", value):
+    if data is not None and data.startswith(MAGIC):
+        return open_image(data, where, i, limits, reserve)
+    # a path: not base64 and path-like, or base64 by accident ("/etc/passwd") but short and rooted like a path
+    rooted = re.match(r"(/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\])", value) and len(value) < 4096
+    if (data is None and re.search(r"[/\\]|^~|\.[A-Za-z0-9]{2,5}$", value)) or (data is not None and rooted):
         raise RequestError(
             400,
             f"{where}: {value[:60]!r} reads as a file path, and a request never reads the "
@@ -286,38 +338,14 @@ def decode_image(value: str, i: int, limits: Limits) -> Image.Image:
         )
     if data is None:
         raise RequestError(400, f"{where}: the image is neither an http(s) URL, a data URI nor base64", i)
-    return open_image(data, where, i, limits)
+    raise RequestError(400, f"{where}: the base64 decodes to none of the image formats read here ({FORMATS})", i)
 
 
-class SafeRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise urllib.error.URLError(f"redirect to a non-http(s) URL {newurl!r} refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+FORMATS = "PNG, JPEG, WebP, GIF, BMP, TIFF"
 
 
-OPENER = urllib.request.build_opener(SafeRedirects)
-
-
-def fetch(url: str, where: str, i: int, limits: Limits) -> bytes:
-    """The URL's bytes, within the size cap and the timeout (for the whole download, not per read)."""
-    cap, deadline, data = limits.max_body_bytes, time.monotonic() + limits.url_timeout, bytearray()
-    try:
-        with OPENER.open(url, timeout=limits.url_timeout) as r:
-            while chunk := r.read1(65536):  # what has arrived: a slow sender meets the deadline
-                data += chunk
-                if len(data) > cap:
-                    raise RequestError(400, f"{where}: {url} is over the size cap of {cap} bytes", i)
-                if time.monotonic() > deadline:
-                    raise RequestError(400, f"{where}: {url} took over {limits.url_timeout:g} s", i)
-    except RequestError:
-        raise
-    except Exception as e:  # URLError, HTTPError, timeouts, bad status lines
-        raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {e})", i) from None
-    return bytes(data)
-
-
-def open_image(data: bytes, where: str, i: int, limits: Limits) -> Image.Image:
+def open_image(data: bytes, where: str, i: int, limits: Limits, reserve: Callable[..., None]) -> Image.Image:
+    """Bytes -> an RGB image, its pixels reserved from the budget (from the header, before decoding one)."""
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only (and PIL's bomb guard)
         if img.width * img.height > limits.max_image_pixels:
@@ -327,12 +355,15 @@ def open_image(data: bytes, where: str, i: int, limits: Limits) -> Image.Image:
                 f"pixels, over the limit of {limits.max_image_pixels:,} (--max-image-pixels)",
                 i,
             )
+        reserve(pixels=img.width * img.height)
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
     except RequestError:
         raise
-    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, truncated data, ...
-        raise RequestError(400, f"{where}: not a decodable image ({type(e).__name__}: {e})", i) from None
+    except Image.UnidentifiedImageError:
+        raise RequestError(400, f"{where}: not a decodable image (none of {FORMATS})", i) from None
+    except Exception as e:  # DecompressionBombError, truncated data, ...: their messages hold sizes, not paths
+        raise RequestError(400, f"{where}: not a decodable image ({type(e).__name__}: {scrub(str(e))})", i) from None
 
 
 def encode(v: np.ndarray, kind: str) -> Any:

@@ -1,10 +1,16 @@
 """`jina-v4 serve`: the embeddings HTTP API on starlette + uvicorn.
 
-`POST /v1/embeddings` (Jina's and OpenAI's request formats, serve_formats.py), `GET /health`, `GET /v1/models`.
+`POST /v1/embeddings` (Jina's and OpenAI's request formats, http_formats.py), `GET /health`, `GET /v1/models`.
 Dynamic batching: one worker thread owns the model (it is not re-entrant); the requests waiting for it are packed
 into shared `encode_items` calls (same `return_multivector` and `dimensions`; tasks may differ, each item carries
 its own) under a token budget, and the results are split back per request. starlette and uvicorn are imported
 only when the server starts, so the rest of the CLI runs without the `serve` extra.
+
+Every cost a request can cause is bounded (NOTES.md, "Serving"): headers and body arrive within their timeouts
+and the body within --max-body-bytes; JSON parsing, tokenizing, image decoding and answer encoding run off the
+event loop, in three lanes of threads (small bodies, large bodies, requests with image URLs) so that one kind never
+waits behind another; image URLs are fetched under url_fetch.py's address policy and deadlines; the tokens and
+pixels a request holds, from decoding to its answer, come out of one budget (a 503 with Retry-After beyond it).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -20,7 +27,8 @@ import signal
 import socket
 import sys
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +38,14 @@ import torch
 
 from ..model.heads import head_for
 from ..pipeline import encode
-from .common import DEFAULT_MODEL
-from .http_formats import ALIAS, Limits, RequestError, answer, http_tasks, parse, prepare
+from .common import DEFAULT_MODEL, loaded_model
+from .http_formats import ALIAS, Limits, RequestError, answer, has_urls, http_tasks, parse, prepare
+from .url_fetch import Fetcher
 
 log = logging.getLogger("jina_v4.serve")
+SHUTTING_DOWN = "the server is shutting down; send the request again to a running one"
+LARGE_BODY = 2**20  # bodies above this parse and prepare in the "large" lane
+RETRY_AFTER = 1  # seconds, in the Retry-After of a 503 for a full budget or queue
 
 
 @dataclass
@@ -47,7 +59,9 @@ class Job:
 class Worker:
     """The one thread that calls the model. It takes the oldest waiting job, adds the later waiting jobs of the
     same key while the total cost stays within `max_tokens` and the count within `max_requests`, runs one
-    `pipeline.encode` over all their items and hands each job its own slice. A late-chunking job runs alone."""
+    `pipeline.encode` over all their items and hands each job its own slice. A late-chunking job runs alone.
+    A job's future is marked running when taken: a request cancelled before that is dropped, one cancelled after
+    still gets its result set (never an InvalidStateError that would end the thread)."""
 
     def __init__(
         self,
@@ -62,36 +76,44 @@ class Worker:
         self.max_tokens, self.max_queued = max_tokens or model.max_batch_tokens, max_queued
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
-        self.closed = False
+        self.closed = self.draining = False
         self.calls = self.requests = 0  # model calls made, requests answered
         self.thread = threading.Thread(target=self.loop, name="jina-v4-model", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Future:
         with self.cond:
-            if self.closed:
-                raise RequestError(503, "the server is shutting down")
+            if self.closed or self.draining:
+                raise RequestError(503, SHUTTING_DOWN)
             if len(self.pending) >= self.max_queued:
-                raise RequestError(503, f"{len(self.pending)} requests are waiting already; retry later")
+                raise RequestError(
+                    503,
+                    f"{len(self.pending)} requests are waiting already (--max-queued); retry later",
+                    headers={"Retry-After": str(RETRY_AFTER)},
+                )
             self.pending.append(job)
             self.cond.notify()
         return job.future
 
     def take(self) -> list[Job]:
         with self.cond:
-            while not self.pending and not self.closed:
-                self.cond.wait()
-            if not self.pending:
-                return []
-            group = [self.pending.popleft()]
-            used = group[0].cost
-            for job in list(self.pending) if isinstance(group[0].work, list) else []:
+            while True:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if not self.pending:
+                    return []
+                first = self.pending.popleft()
+                if first.future.set_running_or_notify_cancel():  # False: its request is gone
+                    break
+            group, used = [first], first.cost
+            for job in list(self.pending) if isinstance(first.work, list) else []:
                 if len(group) == self.max_requests:
                     break
-                if isinstance(job.work, list) and job.key == group[0].key and used + job.cost <= self.max_tokens:
+                if isinstance(job.work, list) and job.key == first.key and used + job.cost <= self.max_tokens:
                     self.pending.remove(job)
-                    group.append(job)
-                    used += job.cost
+                    if job.future.set_running_or_notify_cancel():
+                        group.append(job)
+                        used += job.cost
             return group
 
     def loop(self) -> None:
@@ -131,12 +153,69 @@ class Worker:
             start += n
         return results
 
+    def drain(self) -> None:
+        """Shutting down: new jobs are refused; the queued ones still run."""
+        with self.cond:
+            self.draining = True
+
+    def abort(self) -> None:
+        """Answer every queued job that has not started with a 503 (the graceful time is running out)."""
+        with self.cond:
+            jobs, self.pending = list(self.pending), deque()
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RequestError(503, SHUTTING_DOWN))
+
     def close(self) -> None:
         """Answer what is queued, then stop."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         self.thread.join()
+
+
+class Budget:
+    """The tokens and decoded pixels that the requests being prepared, queued, encoded and answered hold. A
+    request takes its share as it becomes known and gives it back when it is answered: beyond the budget it is
+    refused with a 503 and Retry-After (a 413 when it alone could never fit)."""
+
+    FLAGS = {"tokens": "--max-pending-tokens", "pixels": "--max-pending-pixels"}
+
+    def __init__(self, tokens: int, pixels: int):
+        self.limit, self.used, self.lock = {"tokens": tokens, "pixels": pixels}, Counter(), threading.Lock()
+
+    def take(self, held: Counter, **costs: int) -> None:
+        with self.lock:
+            for kind, n in costs.items():
+                if held[kind] + n > self.limit[kind]:
+                    raise RequestError(
+                        413,
+                        f"the request holds {held[kind] + n:,} {kind}, over the server's budget of "
+                        f"{self.limit[kind]:,} for all requests together ({self.FLAGS[kind]})",
+                    )
+                if self.used[kind] + n > self.limit[kind]:
+                    raise RequestError(
+                        503,
+                        f"the server holds {self.used[kind]:,} {kind} of other requests, and this one's "
+                        f"{held[kind] + n:,} would pass its budget of {self.limit[kind]:,} ({self.FLAGS[kind]}); "
+                        f"retry in {RETRY_AFTER} s",
+                        headers={"Retry-After": str(RETRY_AFTER)},
+                    )
+            for kind, n in costs.items():
+                self.used[kind] += n
+                held[kind] += n
+
+    def give(self, held: Counter) -> None:
+        with self.lock:
+            self.used.subtract(held)
+        held.clear()
+
+
+def public_name(model: str) -> str:
+    """The name the server answers to besides ALIAS: a hub id as given, a local checkpoint by its directory's name
+    (the server's own paths never reach a client)."""
+    path = Path(model).expanduser()
+    return path.name if path.is_dir() or model.startswith((".", "/", "~")) else model
 
 
 def create_app(
@@ -150,9 +229,12 @@ def create_app(
     max_batch_tokens: int | None = None,
     max_queued: int = 1024,
     prepare_threads: int = 4,
+    max_pending_tokens: int = 1_048_576,
+    max_pending_pixels: int = 200_000_000,
 ):
-    """The ASGI app serving `model` under `name` (and "jina-embeddings-v4"); its worker starts now and stops
-    when the app's lifespan ends, after the requests in flight are answered."""
+    """The ASGI app serving `model` under `name` (its public form: public_name) and "jina-embeddings-v4"; its
+    worker starts now and stops when the app's lifespan ends, after the requests in flight are answered.
+    app.state.drain(graceful_timeout) starts a shutdown (make_server's server calls it)."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -160,73 +242,122 @@ def create_app(
     from starlette.routing import Route
 
     limits = limits or Limits()
-    names = list(dict.fromkeys([ALIAS, name, Path(name).name]))
+    names = list(dict.fromkeys([ALIAS, public_name(name)]))
     # Deterministic: requests are packed as usual, and each answer is the offline API's on the same inputs
     # bit for bit, whatever shared its model call (execution.py).
     worker = Worker(model, deterministic, max_batch_requests, max_batch_tokens, max_queued)
-    limiter = anyio.CapacityLimiter(prepare_threads)  # threads reading inputs and writing answers: bounds memory
-    state = {"received": 0, "in_flight": 0}
+    budget = Budget(max_pending_tokens, max_pending_pixels)
+    fetcher = Fetcher(limits.max_body_bytes, limits.url_timeout, limits.allow_private_urls, limits.max_redirects)
+    # Threads that parse, prepare and answer: each lane bounds its own memory, and small requests never wait
+    # behind large bodies or slow image URLs.
+    lanes = {
+        "small": anyio.CapacityLimiter(prepare_threads),
+        "large": anyio.CapacityLimiter(max(1, prepare_threads // 2)),
+        "urls": anyio.CapacityLimiter(prepare_threads),
+    }
+    state = {"received": 0, "in_flight": 0, "draining": False}
     tasks = http_tasks(model.tasks)
     if task not in tasks:
         raise ValueError(f"task={task!r}: the checkpoint's tasks are {list(tasks)}")
+    for kind, least in (("tokens", limits.max_tokens), ("pixels", limits.max_image_pixels)):
+        if budget.limit[kind] < least:
+            raise ValueError(f"{Budget.FLAGS[kind]} {budget.limit[kind]:,} is below one request's {least:,}")
     key = f"Bearer {api_key}".encode() if api_key else None
 
     def refuse(e: RequestError) -> JSONResponse:
-        return JSONResponse(e.body(), e.status)
+        return JSONResponse(e.body(), e.status, headers=e.headers)
 
     def check_key(request) -> None:
         if key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), key):
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
-    async def read_json(request) -> Any:
-        """The body, kept up to the limit. A body over it is read to its end (up to 8x the limit) and dropped,
-        so that the client, still sending, gets the 413 instead of a reset connection."""
+    def check_type(request) -> None:
+        given = request.headers.get("content-type")
+        media = (given or "application/json").split(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise RequestError(415, f"Content-Type {given[:60]!r}: send the body as JSON (application/json)")
+
+    async def read_body(request) -> bytes:
+        """The body, kept up to the limit, within --body-timeout. A body over the limit is read to its end (up to
+        8x the limit) and dropped, so that the client, still sending, gets the 413 instead of a reset."""
         declared, cap = request.headers.get("content-length", ""), limits.max_body_bytes
         body, size = bytearray(), int(declared) if declared.isdigit() else 0
-        if size <= 8 * cap:
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                body += chunk if size <= cap else b""
-                if size > 8 * cap:
-                    break
+        try:
+            with anyio.fail_after(limits.body_timeout):
+                if size <= 8 * cap:
+                    size = 0
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        body += chunk if size <= cap else b""
+                        if size > 8 * cap:
+                            break
+        except TimeoutError:
+            raise RequestError(
+                408, f"the body took over {limits.body_timeout:g} s to arrive (--body-timeout)"
+            ) from None
         if size > cap:
             raise RequestError(413, f"the body is {size} bytes, over the limit of {cap} (--max-body-bytes)")
+        return bytes(body)
+
+    def read_request(body: bytes):  # in a thread: a large body takes seconds to parse
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except (ValueError, RecursionError) as e:
-            raise RequestError(400, f"the body is not valid JSON ({e})") from None
+            raise RequestError(400, f"the body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        return parse(data, names, model.config.matryoshka_dims, task, limits, tasks)
 
     async def embeddings(request):
         state["received"] += 1
         state["in_flight"] += 1
+        held = Counter()
         try:
             check_key(request)
-            req = parse(await read_json(request), names, model.config.matryoshka_dims, task, limits, tasks)
-            work, tokens = await anyio.to_thread.run_sync(prepare, req, model, limits, tasks, limiter=limiter)
+            check_type(request)
+            body = await read_body(request)
+            lane = lanes["large" if len(body) > LARGE_BODY else "small"]
+            req = await anyio.to_thread.run_sync(read_request, body, limiter=lane)
+            del body
+            deadline = time.monotonic() + limits.url_request_timeout  # all the request's URLs together
+            fetch = (lambda url: fetcher.fetch(url, deadline)) if limits.allow_urls else None
+            lane = lanes["urls"] if fetch and has_urls(req) else lane
+
+            def reserve(**costs: int) -> None:
+                budget.take(held, **costs)
+
+            work, tokens = await anyio.to_thread.run_sync(
+                prepare, req, model, limits, tasks, fetch, reserve, limiter=lane
+            )
             cost = sum(it.cost for it in work) if isinstance(work, list) else tokens
             vectors = await asyncio.wrap_future(worker.submit(Job(work, (req.multivector, req.dimensions), cost)))
+            del work
             body = await anyio.to_thread.run_sync(
-                lambda: json.dumps(answer(req, vectors, tokens)).encode(), limiter=limiter
+                lambda: json.dumps(answer(req, vectors, tokens)).encode(), limiter=lane
             )
             return Response(body, media_type="application/json")
         except RequestError as e:
             return refuse(e)
-        except Exception as e:  # a bug or a model failure: answered, logged, and the server stays up
+        except asyncio.CancelledError:
+            if not state["draining"]:
+                raise
+            return refuse(RequestError(503, SHUTTING_DOWN))  # the graceful time ran out: JSON, not uvicorn's 500
+        except Exception:  # a bug or a model failure: logged with its traceback, the client told no more
             log.exception("request failed")
-            return refuse(RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+            return refuse(RequestError(500, "internal error; the server's log has the details"))
         finally:
+            budget.give(held)
             state["in_flight"] -= 1
 
     async def health(request):
         return JSONResponse(
             {
-                "status": "ok",
-                "model": name,
-                **state,
+                "status": "draining" if state["draining"] else "ok",
+                "model": names[-1],
+                **{k: state[k] for k in ("received", "in_flight")},
                 "queued": len(worker.pending),
                 "model_calls": worker.calls,
                 "requests": worker.requests,
+                "pending_tokens": budget.used["tokens"],
+                "pending_pixels": budget.used["pixels"],
             }
         )
 
@@ -245,6 +376,17 @@ def create_app(
     async def http_error(request, e: HTTPException):  # 404, 405 as JSON too
         return refuse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
+    def drain(graceful_timeout: float | None) -> None:
+        """The server stops accepting: new requests get a 503, URL fetches end, the queue runs on; queued jobs
+        not started a second before the graceful time ends get a JSON 503 (uvicorn then cancels the rest)."""
+        state["draining"] = True
+        worker.drain()
+        fetcher.close()
+        if graceful_timeout is not None:
+            timer = threading.Timer(graceful_timeout - min(1.0, graceful_timeout / 2), worker.abort)
+            timer.daemon = True
+            timer.start()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -261,8 +403,68 @@ def create_app(
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.worker = worker
+    app.state.worker, app.state.budget, app.state.fetcher, app.state.drain = worker, budget, fetcher, drain
     return app
+
+
+def make_server(
+    app,
+    graceful_timeout: float | None = 30.0,
+    header_timeout: float = 10.0,
+    keep_alive_timeout: float = 5.0,
+    log_level: str = "info",
+):
+    """A uvicorn server for `app`: a request's headers must arrive within header_timeout (uvicorn has no such
+    limit: a client could hold a connection forever sending a byte at a time), an idle kept-alive connection
+    closes after keep_alive_timeout, and a shutdown first calls app.state.drain."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        headers_timer = None  # from a connection's start, or the next request's first byte, to its headers' end
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            if self.headers_timer is None and (before is None or before.response_complete):
+                self.arm()
+            super().data_received(data)
+            if self.cycle is not before:  # a request's headers are in
+                self.disarm()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            self.headers_timer = self.loop.call_later(header_timeout, self.headers_too_slow)
+
+        def disarm(self) -> None:
+            if self.headers_timer is not None:
+                self.headers_timer.cancel()
+                self.headers_timer = None
+
+        def headers_too_slow(self) -> None:
+            self.headers_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.drain(graceful_timeout)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        http=Protocol,
+        timeout_keep_alive=keep_alive_timeout,
+        timeout_graceful_shutdown=graceful_timeout,
+    )
+    return Server(config)
 
 
 def positive(text: str) -> int:
@@ -280,7 +482,10 @@ def add_parser(sub, tasks: dict | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's; float32 on a CPU without native bf16)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no line on stderr about the dtype chosen")
     p.add_argument(
         "--task",
         default="text-matching",
@@ -289,10 +494,23 @@ def add_parser(sub, tasks: dict | None = None) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("JINA_V4_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $JINA_V4_API_KEY, else no key)",
+        help="require 'Authorization: Bearer KEY' (default: $JINA_V4_API_KEY, which unlike this option other "
+        "users cannot read in ps; else no key)",
     )
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (refused by default)")
-    p.add_argument("--url-timeout", type=float, default=d.url_timeout, help="seconds per image download")
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="with --allow-urls, also fetch loopback, private, link-local and other non-public addresses",
+    )
+    p.add_argument("--url-timeout", type=float, default=d.url_timeout, help="seconds per image URL, all of it")
+    p.add_argument(
+        "--url-request-timeout",
+        type=float,
+        default=d.url_request_timeout,
+        help=f"seconds for all the image URLs of one request (default {d.url_request_timeout:g})",
+    )
+    p.add_argument("--max-redirects", type=int, default=d.max_redirects, help="per image URL (default 3)")
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -312,6 +530,18 @@ def add_parser(sub, tasks: dict | None = None) -> None:
             help=f"{help_} (default {getattr(d, flag)})",
         )
     p.add_argument(
+        "--max-pending-tokens",
+        type=positive,
+        default=1_048_576,
+        help="tokens held by all requests from tokenizing to answer; beyond: 503 (default 1048576)",
+    )
+    p.add_argument(
+        "--max-pending-pixels",
+        type=positive,
+        default=200_000_000,
+        help="decoded and resized image pixels held by all requests; beyond: 503 (default 200000000)",
+    )
+    p.add_argument(
         "--max-batch-requests",
         type=positive,
         default=64,
@@ -325,33 +555,60 @@ def add_parser(sub, tasks: dict | None = None) -> None:
         default=30.0,
         help="seconds to finish the requests in flight on SIGTERM (default 30)",
     )
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds for its body (default 60)")
+    p.add_argument(
+        "--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open (default 5)"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
+
+
+def exposure(host: str, api_key: str | None) -> str | None:
+    """The warning for a bound address reachable beyond this machine without an API key, or None."""
+    if api_key or ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        return None
+    return (
+        f"listening on {host}, beyond this machine, without an API key: anyone who reaches the port can use the "
+        "model (set JINA_V4_API_KEY)"
+    )
 
 
 def run(args) -> None:
     try:
         import starlette  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise RuntimeError("jina-v4 serve needs starlette and uvicorn: pip install 'jina_v4[serve]'") from None
-    if "OMP_WAIT_POLICY" not in os.environ and sys.argv[1:2] == ["serve"]:
-        # OpenMP reads this as torch loads, which `import jina_v4` has done: start again with it set, so that the
-        # model's threads sleep between calls instead of spinning on the cores the HTTP threads need (on 2 cores
-        # spinning cut throughput up to 10x; NOTES.md, "Serving").
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "jina_v4", *sys.argv[1:]])
-    from ..model import JinaV4
+    argv = sys.argv[1:]
+    keyed = [i for i, a in enumerate(argv) if a == "--api-key" or a.startswith("--api-key=")]
+    if argv[:1] == ["serve"] and ("OMP_WAIT_POLICY" not in os.environ or keyed):
+        # OpenMP reads OMP_WAIT_POLICY as torch loads, which `import jina_v4` has done: start again with it set, so
+        # that the model's threads sleep between calls instead of spinning on the cores the HTTP threads need (on
+        # 2 cores spinning cut throughput up to 10x; NOTES.md, "Serving"). A key given on the command line moves
+        # into the environment on the way, where other users cannot read it (ps shows the command line).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if keyed:
+            os.environ["JINA_V4_API_KEY"] = args.api_key
+            drop = {i for k in keyed for i in (k, k + 1) if i == k or argv[k] == "--api-key"}
+            argv = [a for i, a in enumerate(argv) if i not in drop]
+        os.execv(sys.executable, [sys.executable, "-m", "jina_v4", *argv])
+    if keyed:
+        print("jina-v4 serve: warning: --api-key is visible to other users in ps; set JINA_V4_API_KEY", file=sys.stderr)
 
-    model = JinaV4.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = loaded_model(args.model, args.device, args.dtype, args.quiet)
     limits = Limits(
-        args.max_items,
-        args.max_tokens,
-        args.max_length,
-        args.max_body_bytes,
-        args.max_image_pixels,
-        args.allow_urls,
-        args.url_timeout,
+        max_items=args.max_items,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        max_body_bytes=args.max_body_bytes,
+        max_image_pixels=args.max_image_pixels,
+        allow_urls=args.allow_urls,
+        url_timeout=args.url_timeout,
+        url_request_timeout=args.url_request_timeout,
+        allow_private_urls=args.allow_private_urls,
+        max_redirects=args.max_redirects,
+        body_timeout=args.body_timeout,
     )
     app = create_app(
         model,
@@ -363,10 +620,14 @@ def run(args) -> None:
         args.max_batch_requests,
         args.max_batch_tokens,
         args.max_queued,
+        max_pending_tokens=args.max_pending_tokens,
+        max_pending_pixels=args.max_pending_pixels,
     )
     family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.create_server((args.host, args.port), family=family)
     host, port = sock.getsockname()[:2]
+    if warning := exposure(host, args.api_key):
+        print(f"jina-v4 serve: warning: {warning}", file=sys.stderr)
     host = f"[{host}]" if ":" in host else host
     print(
         f"jina-v4 serve: {args.model} on http://{host}:{port} (POST /v1/embeddings, GET /health, GET /v1/models)",
@@ -377,5 +638,5 @@ def run(args) -> None:
     # these make that a normal exit (status 0) instead of a kill or a KeyboardInterrupt.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = make_server(app, args.graceful_timeout, args.header_timeout, args.keep_alive_timeout, args.log_level)
+    server.run(sockets=[sock])

@@ -41,12 +41,13 @@ class FetchError(Exception):
 
 def refusal(address: str) -> str | None:
     """None for a global unicast address; otherwise what it is ("loopback", "link-local", "private", ...). An IPv4
-    address inside an IPv6 one (mapped, 6to4, NAT64) is judged as well, as the IPv4 address it reaches."""
+    address written as IPv6 (mapped, NAT64) is the IPv4 address; a 6to4 one is judged by both."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") names no other host
     inner = None
-    if ip.version == 6:
-        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None
-        inner = ip.ipv4_mapped or ip.sixtofour or nat64
+    if ip.version == 6 and (ip.ipv4_mapped or ip in NAT64):
+        ip = ip.ipv4_mapped or ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    elif ip.version == 6:
+        inner = ip.sixtofour
     for candidate in (ip, inner):
         if candidate is None:
             continue

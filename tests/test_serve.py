@@ -6,6 +6,7 @@ import base64
 import functools
 import http.server
 import io
+import ipaddress
 import json
 import os
 import re
@@ -99,6 +100,43 @@ def png(w, h, seed=0, solid=False):
 
 def b64(data):
     return base64.b64encode(data).decode()
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """No connection leaves 127.0.0.0/8 and no name reaches DNS: such an attempt fails before a packet is sent,
+    and fails the test (also when it happens in a server thread, through `violations`)."""
+    violations = []
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def check(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            ip = ipaddress.ip_address(address[0].split("%")[0])
+            if ip.version != 4 or not ip.is_loopback:
+                violations.append(f"connect to {address}")
+                raise ConnectionRefusedError(f"the test guard refused a connection to {address}")
+
+    def guarded_connect(sock, address):
+        check(sock, address)
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        check(sock, address)
+        return connect_ex(sock, address)
+
+    def resolver(host, *args, **kwargs):
+        try:
+            ipaddress.ip_address(str(host).split("%")[0])
+        except ValueError:
+            violations.append(f"DNS lookup of {host!r}")
+            raise socket.gaierror(socket.EAI_NONAME, "the test guard refused a DNS lookup") from None
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    yield violations
+    assert not violations, violations
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ connect anywhere else or look a name up in DNS. Waits are for events (a request 
 closing), with generous bounds only against a hang."""
 
 import http.server
-import ipaddress
 import socket
 import threading
 import time
@@ -24,48 +23,11 @@ from jina_v4.apps.http_formats import Limits
 from jina_v4.apps.serve import create_app, exposure
 from jina_v4.apps.url_fetch import Fetcher, FetchError, refusal
 
-from test_serve import Server, b64, call, embed, png
+from test_serve import Server, b64, call, embed, loopback_only, png  # noqa: F401 (an autouse guard)
 
 CKPT = "gqa4-single"
 PNG = png(40, 30, 4)
 HANG = 60  # seconds: the bound on waiting for an event, against a hang only
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """No connection leaves 127.0.0.0/8 and no name reaches DNS: such an attempt fails before a packet is sent,
-    and fails the test (also when it happens in a server thread, through `violations`)."""
-    violations = []
-    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-    def check(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            ip = ipaddress.ip_address(address[0].split("%")[0])
-            if ip.version != 4 or not ip.is_loopback:
-                violations.append(f"connect to {address}")
-                raise ConnectionRefusedError(f"the test guard refused a connection to {address}")
-
-    def guarded_connect(sock, address):
-        check(sock, address)
-        return connect(sock, address)
-
-    def guarded_connect_ex(sock, address):
-        check(sock, address)
-        return connect_ex(sock, address)
-
-    def resolver(host, *args, **kwargs):
-        try:
-            ipaddress.ip_address(str(host).split("%")[0])
-        except ValueError:
-            violations.append(f"DNS lookup of {host!r}")
-            raise socket.gaierror(socket.EAI_NONAME, "the test guard refused a DNS lookup") from None
-        return getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    yield violations
-    assert not violations, violations
 
 
 def fake_dns(monkeypatch, names: dict[str, list[str]]):

@@ -1,9 +1,12 @@
-"""`jina-v4 serve` as a subprocess on 127.0.0.1, under load: 16 concurrent clients x 50 requests, valid and invalid
-mixed; every valid answer equals the offline API's, every invalid one is refused with its status, the server
-stays up and its memory flat; throughput with dynamic batching against one request at a time; SIGTERM answers
-the requests in flight and exits 0."""
+"""`jina-v4 serve` as a subprocess on 127.0.0.1, under load: 16 concurrent clients in rounds of requests, valid and
+invalid mixed (image URLs from a loopback remote among them); every valid answer equals the offline API's, every
+invalid one is refused with its status, the server stays up and its memory flat from round to round once warm;
+throughput with dynamic batching against one request at a time; SIGTERM answers the requests in flight and exits
+0; an API key given on the command line leaves it."""
 
 import base64
+import functools
+import http.server
 import json
 import os
 import re
@@ -21,7 +24,7 @@ from test_serve import call, floats, offline, png
 pytestmark = pytest.mark.slow
 
 CKPT = "gqa4-single"
-CLIENTS, PER_CLIENT = 16, 50
+CLIENTS, PER_ROUND, ROUNDS = 16, 12, 4
 SPEED_RUNS = 25  # requests per client when timing throughput: text requests only, each server the same load
 
 
@@ -49,6 +52,7 @@ def rss_mb(pid):
     return int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())[1]) / 1024
 
 
+PAGE = png(120, 90, 11)
 VALID = [
     {"task": "retrieval.query", "input": ["what is late interaction?"]},
     {"task": "retrieval.passage", "input": ["a passage about the coast", "another passage " * 20], "dimensions": 16},
@@ -57,15 +61,39 @@ VALID = [
     {"task": "code.passage", "input": ["def f(xs): return sorted(xs)", {"text": "print(1)"}]},
     {"task": "retrieval.passage", "input": ["a caption", {"image": base64.b64encode(png(64, 48, 7)).decode()}]},
     {"input": ["openai style"] * 4, "encoding_format": "base64"},
+    {"task": "retrieval.passage", "input": ["a page", {"image": "REMOTE/page.png"}]},  # fetched from the remote
 ]
-INVALID = [  # (raw body, status)
-    (b'{"input": ["unterminated', 400),
-    (json.dumps({"input": "x", "task": "summarize"}).encode(), 400),
-    (json.dumps({"input": ["x"] * 17}).encode(), 413),
-    (json.dumps({"input": [{"image": "/etc/passwd"}]}).encode(), 400),
-    (json.dumps({"input": [[1, 2, 10**9]]}).encode(), 400),
-    (json.dumps({"input": ["x" * 300_000]}).encode(), 413),
+INVALID = [  # (raw body, status, Content-Type)
+    (b'{"input": ["unterminated', 400, "application/json"),
+    (json.dumps({"input": "x", "task": "summarize"}).encode(), 400, "application/json"),
+    (json.dumps({"input": ["x"] * 17}).encode(), 413, "application/json"),
+    (json.dumps({"input": [{"image": "/etc/passwd"}]}).encode(), 400, "application/json"),
+    (json.dumps({"input": [[1, 2, 10**9]]}).encode(), 400, "application/json"),
+    (json.dumps({"input": ["x" * 300_000]}).encode(), 413, "application/json"),
+    (json.dumps({"input": [[]]}).encode(), 400, "application/json"),
+    (json.dumps({"input": ["a", ""]}).encode(), 400, "application/json"),
+    (json.dumps({"input": "a"}).encode(), 415, "text/plain"),
+    (json.dumps({"input": [{"image": "REMOTE/missing.png"}]}).encode(), 400, "application/json"),
 ]
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """The web server the image URLs point at, on 127.0.0.1 (the server runs with --allow-private-urls)."""
+    d = tmp_path_factory.mktemp("remote")
+    (d / "page.png").write_bytes(PAGE)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(d)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    VALID[-1]["input"][1]["image"] = f"{base}/page.png"
+    INVALID[-1] = (INVALID[-1][0].replace(b"REMOTE", base.encode()), *INVALID[-1][1:])
+    yield base
+    httpd.shutdown()
 
 
 def decode(body, out):
@@ -75,17 +103,13 @@ def decode(body, out):
     return floats(out, "embeddings" if body.get("return_multivector") else "embedding")
 
 
-def run_load(url, expected, requests, clients, per_client, rss=None, tol=0.0):
+def run_load(url, expected, requests, clients, per_client, tol=0.0, offset=0):
     """`clients` threads, each sending `per_client` requests drawn in turn from `requests` (indices into VALID,
-    or negative: -1 - index into INVALID). With `rss`, every client waits halfway so that RSS is read there.
-    Returns (seconds, failures)."""
-    failures, halfway = [], threading.Barrier(clients + 1) if rss is not None else None
+    or negative: -1 - index into INVALID), starting `offset` further. Returns (seconds, failures)."""
+    failures = []
 
     def client(c):
-        for j in range(per_client):
-            if halfway is not None and j == per_client // 2:
-                halfway.wait()
-                halfway.wait()
+        for j in range(offset, offset + per_client):
             r = requests[(c * 7 + j) % len(requests)]
             try:
                 if r >= 0:
@@ -96,8 +120,8 @@ def run_load(url, expected, requests, clients, per_client, rss=None, tol=0.0):
                         g.shape == e.shape and torch.allclose(g, e, atol=tol, rtol=0) for g, e in zip(got, expected[r])
                     )
                 else:
-                    raw, want = INVALID[-1 - r]
-                    status, out = call(url + "/v1/embeddings", raw=raw, timeout=120)
+                    raw, want, kind = INVALID[-1 - r]
+                    status, out = call(url + "/v1/embeddings", raw=raw, timeout=120, headers={"Content-Type": kind})
                     ok = status == want and "message" in out["error"]
             except Exception as e:  # a dropped connection is a failure too
                 ok, status = False, repr(e)
@@ -108,46 +132,51 @@ def run_load(url, expected, requests, clients, per_client, rss=None, tol=0.0):
     start_time = time.perf_counter()
     for t in threads:
         t.start()
-    if halfway is not None:
-        halfway.wait()
-        rss.append(rss_mb(rss.pid))
-        halfway.wait()
     for t in threads:
         t.join()
     return time.perf_counter() - start_time, failures
 
 
-class RSS(list):
-    def __init__(self, pid):
-        super().__init__()
-        self.pid = pid
-
-
 @pytest.fixture(scope="module")
-def expected(models):
+def expected(models, remote):
     model = models(CKPT)
-    return [offline(model, b) for b in VALID]
+    page = base64.b64encode(PAGE).decode()
+    local = [json.loads(json.dumps(b).replace(f"{remote}/page.png", page)) for b in VALID]  # the URL's bytes
+    return [offline(model, b) for b in local]
 
 
-def test_load_and_throughput(checkpoints, expected, batch_tol, tmp_path):
-    """16 clients x 50 requests, 1 in 3 invalid; then the valid text requests alone, batched and one at a time."""
-    mix = [0, 1, -1, 2, 3, -2, 4, 5, -3, 6, 0, -4, 1, 2, -5, 3, 4, -6]
+def test_load_and_throughput(checkpoints, expected, batch_tol, tmp_path, remote):
+    """Rounds of 16 clients x 12 requests, 1 in 3 invalid, image URLs among them: RSS flat from round to round
+    once warm; then the valid text requests alone, batched and one at a time."""
+    mix = [0, 1, -1, 2, 3, -2, 4, 5, -3, 6, 7, -4, 0, 1, -5, 2, 3, -6, 7, 4, -7, 5, 6, -8, 0, 7, -9, 1, -10]
     tol = batch_tol(CKPT)
-    proc, url = start(checkpoints[CKPT], tmp_path / "a.log", "--max-items", 16, "--max-body-bytes", 200_000)
+    proc, url = start(
+        checkpoints[CKPT],
+        tmp_path / "a.log",
+        "--max-items",
+        16,
+        "--max-body-bytes",
+        200_000,
+        "--allow-urls",
+        "--allow-private-urls",
+    )
     try:
-        rss = RSS(proc.pid)
-        run_load(url, expected, [0, 1, 2, 3, 4, 5, 6], CLIENTS, 2, tol=tol)  # warm-up: every kind of request once
-        rss.append(rss_mb(proc.pid))
-        seconds, failures = run_load(url, expected, mix, CLIENTS, PER_CLIENT, rss, tol=tol)
-        rss.append(rss_mb(proc.pid))
-        assert not failures, failures[:10]
+        run_load(url, expected, list(range(len(VALID))), CLIENTS, 2, tol=tol)  # warm-up: every kind once
+        rss, seconds = [rss_mb(proc.pid)], 0.0
+        for r in range(ROUNDS):
+            took, failures = run_load(url, expected, mix, CLIENTS, PER_ROUND, tol=tol, offset=r * PER_ROUND)
+            rss.append(rss_mb(proc.pid))
+            seconds += took
+            assert not failures, failures[:10]
         assert proc.poll() is None and call(url + "/health")[1]["status"] == "ok"
-        growth = rss[2] - rss[1]
         print(
-            f"\nRSS after warm-up {rss[0]:.0f} MB, halfway {rss[1]:.0f} MB, end {rss[2]:.0f} MB; "
-            f"{CLIENTS * PER_CLIENT} mixed requests in {seconds:.1f} s"
+            f"\nRSS after warm-up and after each round: {', '.join(f'{m:.0f}' for m in rss)} MB; "
+            f"{ROUNDS * CLIENTS * PER_ROUND} mixed requests in {seconds:.1f} s"
         )
-        assert growth < 40, f"RSS grew by {growth:.0f} MB in the second half"
+        growth = max(rss[2:]) - rss[1]
+        assert growth < 40, f"RSS grew by {growth:.0f} MB after the first round"
+        health = call(url + "/health")[1]
+        assert health["pending_tokens"] == health["pending_pixels"] == health["in_flight"] == 0
         texts = [i for i, b in enumerate(VALID) if "image" not in json.dumps(b)]
         before = call(url + "/health")[1]
         batched, failures = run_load(url, expected, texts, CLIENTS, SPEED_RUNS, tol=tol)
@@ -206,3 +235,20 @@ def test_sigterm_answers_the_requests_in_flight(checkpoints, models, batch_tol, 
         assert torch.allclose(torch.stack(floats(out)), offline(model, body), atol=batch_tol(CKPT), rtol=0)
     with pytest.raises(OSError):  # the port is closed
         call(url + "/health", timeout=5)
+
+
+def test_an_api_key_on_the_command_line_leaves_it(checkpoints, tmp_path):
+    """`--api-key` is moved into the environment as the server starts again (other users read a command line in
+    ps, not another user's environment): the running process's command line no longer holds it."""
+    proc, url = start(checkpoints[CKPT], tmp_path / "d.log", "--api-key", "s3cret-in-argv")
+    try:
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+        environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
+        assert cmdline[1:3] == [b"-m", b"jina_v4"] and not any(b"s3cret" in a for a in cmdline), cmdline
+        assert b"JINA_V4_API_KEY=s3cret-in-argv" in environ
+        assert call(url + "/v1/embeddings", {"input": "a"})[0] == 401
+        assert call(url + "/v1/embeddings", {"input": "a"}, key="s3cret-in-argv")[0] == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+    assert "visible to other users" not in (tmp_path / "d.log").read_text()

@@ -592,3 +592,15 @@ def test_the_key_comes_from_the_environment(monkeypatch):
 
     monkeypatch.setenv("JINA_V4_API_KEY", "from-the-environment")
     assert parser(["serve"]).parse_args(["serve"]).api_key == "from-the-environment"
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--header-timeout", "0"), ("--url-timeout", "inf"), ("--body-timeout", "-3"), ("--max-redirects", "-1")],
+)
+def test_bad_limits_are_refused_by_the_parser(flag, value, capsys):
+    from jina_v4.apps.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser(["serve"]).parse_args(["serve", flag, value])
+    assert f"argument {flag}: {value!r} is not a" in capsys.readouterr().err

@@ -251,4 +251,7 @@ def test_an_api_key_on_the_command_line_leaves_it(checkpoints, tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
-    assert "visible to other users" not in (tmp_path / "d.log").read_text()
+    log = (tmp_path / "d.log").read_text()
+    assert "visible to other users" not in log and "s3cret" not in log
+    assert log.splitlines()[0] == "jina-v4: float32 on cpu (the checkpoint's dtype)"  # the dtype line, once
+    assert log.count("jina-v4: float32 on cpu") == 1

@@ -473,6 +473,22 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def add_parser(sub, tasks: dict | None = None) -> None:
     """The `serve` subcommand's options (called from cli.parser, with the checkpoint's tasks for the help)."""
     d = Limits()
@@ -503,14 +519,14 @@ def add_parser(sub, tasks: dict | None = None) -> None:
         action="store_true",
         help="with --allow-urls, also fetch loopback, private, link-local and other non-public addresses",
     )
-    p.add_argument("--url-timeout", type=float, default=d.url_timeout, help="seconds per image URL, all of it")
+    p.add_argument("--url-timeout", type=seconds, default=d.url_timeout, help="seconds per image URL, all of it")
     p.add_argument(
         "--url-request-timeout",
-        type=float,
+        type=seconds,
         default=d.url_request_timeout,
         help=f"seconds for all the image URLs of one request (default {d.url_request_timeout:g})",
     )
-    p.add_argument("--max-redirects", type=int, default=d.max_redirects, help="per image URL (default 3)")
+    p.add_argument("--max-redirects", type=count, default=d.max_redirects, help="per image URL (default 3)")
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -551,14 +567,14 @@ def add_parser(sub, tasks: dict | None = None) -> None:
     p.add_argument("--max-queued", type=positive, default=1024, help="waiting requests before 503 (default 1024)")
     p.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=seconds,
         default=30.0,
         help="seconds to finish the requests in flight on SIGTERM (default 30)",
     )
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (default 10)")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds for its body (default 60)")
+    p.add_argument("--header-timeout", type=seconds, default=10.0, help="seconds for a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=seconds, default=d.body_timeout, help="seconds for its body (default 60)")
     p.add_argument(
-        "--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open (default 5)"
+        "--keep-alive-timeout", type=seconds, default=5.0, help="seconds an idle connection stays open (default 5)"
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)

@@ -38,8 +38,8 @@ class Item:
     pixel_values: torch.Tensor | None = None  # (N, C·t·p·p)
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
     dropped: int = 0  # tokens cut past max_length (a lower bound when `cut`)
-    cut: int = 0  # characters of a long text never tokenized: it had more than max_length tokens anyway
     offsets: list[tuple[int, int]] = field(default_factory=list, repr=False)  # text: characters of each token
+    cut: int = 0  # characters of a long text never tokenized: it had more than max_length tokens anyway
 
     @property
     def cost(self) -> int:

@@ -196,6 +196,7 @@ def export(model, source: str | Path, task: str, fmt: str, out: str | Path) -> P
 
     if fmt not in ("vllm", "text"):
         raise ValueError(f"format {fmt!r} is not 'vllm' or 'text'")
+    model.config.tasks_for(task, 1)  # an unknown task is refused before anything is written
     source_dir, out = resolve(source, local_files_only=True), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty directory")

@@ -470,7 +470,8 @@ def format_report(report: Report, name_a: str = "A", name_b: str = "B") -> str:
         lines.append(
             f"largest difference: {w.stage} ({w.case}), rel {w.rel:.2e}"
             + (
-                f"; worst token cosine {low.token_min:.6f} at {low.stage} ({low.case}, token {low.token_worst})"
+                f"; worst token cosine {low.token_min:.6f} (1 - {1 - low.token_min:.1e}) at {low.stage} "
+                f"({low.case}, token {low.token_worst})"
                 if low
                 else ""
             )

@@ -180,6 +180,11 @@ def test_images_end_to_end_cli(models, checkpoints, tmp_path, capsys):
     assert {"ndcg@10", "recall@10", "mrr@10", "settings", "counts"} <= set(result)
     assert result["settings"]["mode"] == "multivector" and result["counts"]["documents"] == 4
     assert_matches(result, expected_metrics(models("gqa2-sharded"), docs, queries, qrels, multivector=True))
+    cached = [*args, "--dtype", "float32", "--cache", str(tmp_path / "cache"), "--quiet", "-o", str(out)]
+    for _ in range(2):  # the second run reads the multi-vectors back from the cache
+        assert cli.main(cached) == 0
+        assert json.loads(out.read_text())["ndcg@10"] == result["ndcg@10"]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_mixed_corpus_of_texts_and_images(models, tmp_path):

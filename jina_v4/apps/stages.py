@@ -257,9 +257,7 @@ def record_model(model, model_name: str, path, cases: list[Case] | None = None) 
     cases = probe_cases() if cases is None else cases
     tensors = {**record(model, cases), **image_tensors(cases)}
     settings = preprocessing_settings(model)
-    from .. import __name__ as package
-
-    meta = header(model_name, path, model.dtype, model.device, cases, f"{package} (this repository)", settings)
+    meta = header(model_name, path, model.dtype, model.device, cases, "jina_v4 (jina_v4/apps/stages.py)", settings)
     return tensors, meta
 
 

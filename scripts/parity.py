@@ -9,6 +9,15 @@ print one table. Exit status 1 when any output misses its threshold.
 
 The reference is transformers + peft from the same files (scripts/reference.py: half precision runs under
 autocast, as the released encode_* does), or with --remote-code the released remote code itself.
+
+Stage files (jina_v4/apps/stages.py): every stage of one forward pass, from token ids to multi-vectors, with the
+first stage out of the dtype's tolerance named; exit status 1 when any stage is out.
+
+    python scripts/parity.py --stages --model DIR --dtype float32 --save ours.safetensors   # jina_v4's stages
+    python scripts/reference.py --model DIR --dtype float32 -o ref.safetensors             # the reference's
+    python scripts/parity.py --stages --model DIR --dtype bfloat16 --against ref.safetensors
+    python scripts/parity.py --stages-a port.safetensors --stages-b ref.safetensors        # any two files
+    python scripts/parity.py --stages --model DIR                  # jina_v4 against the reference, both run now
 """
 
 from __future__ import annotations
@@ -189,8 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remote-code", action="store_true", help="reference = the released remote code")
     ap.add_argument("--save", help="write the reference outputs and their inputs to this .safetensors file")
     ap.add_argument("--against", help="compare jina_v4 to a file written by --save (no transformers needed)")
+    ap.add_argument("--stages", action="store_true", help="record and compare every stage (stage files)")
+    ap.add_argument("--stages-a", metavar="A", help="compare two stage files: A (under test) ...")
+    ap.add_argument("--stages-b", metavar="B", help="... against B (the reference side)")
+    ap.add_argument(
+        "--tolerance",
+        choices=["float64", "float32", "float16", "bfloat16"],
+        help="stage files: judge by this dtype's tolerance (default: the coarser of the two files' dtypes)",
+    )
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    if args.stages or args.stages_a or args.stages_b:
+        return stages_main(args)
     if args.against:
         ref, texts, images, meta = load(args.against)
         print(f"reference: {args.against} ({meta.get('reference')}, {meta.get('dtype')} on {meta.get('device')})")
@@ -214,6 +233,55 @@ def main(argv: list[str] | None = None) -> int:
         threshold_dtype = max(args.dtype, ref_dtype, key=lambda d: THRESHOLDS[d]["multi_min"] < 0.99)
     ours = run_jina_v4(args.model, args.device, getattr(torch, args.dtype), texts, images)
     return 0 if compare(ours, ref, threshold_dtype) else 1
+
+
+def stages_main(args) -> int:
+    """--stages, --stages-a/--stages-b: stage files recorded, saved and compared (jina_v4/apps/stages.py)."""
+    from jina_v4.apps import stages
+
+    if args.stages_a or args.stages_b:
+        if not (args.stages_a and args.stages_b):
+            print("parity.py: --stages-a and --stages-b go together", file=sys.stderr)
+            return 2
+        a, meta_a = stages.load(args.stages_a)
+        b, meta_b = stages.load(args.stages_b)
+        report = stages.compare(a, meta_a, b, meta_b, args.tolerance)
+        print(stages.format_report(report, describe(args.stages_a, meta_a), describe(args.stages_b, meta_b)))
+        return 0 if report.ok else 1
+    from jina_v4 import JinaV4
+    from jina_v4.model.loading import resolve
+
+    path = resolve(args.model)
+    if args.against:
+        b, meta_b = stages.load(args.against)
+        cases = stages.cases_from(b, meta_b)
+        args.dtype = args.dtype or meta_b["dtype"]
+    else:
+        cases, b, meta_b = stages.probe_cases(), None, None
+        args.dtype = args.dtype or "bfloat16"
+    model = JinaV4.from_pretrained(path, device=args.device, dtype=args.dtype)
+    a, meta_a = stages.record_model(model, args.model, path, cases)
+    if args.save:
+        stages.save(args.save, a, meta_a)
+        print(f"saved jina_v4's stages ({len(a)} tensors, {len(cases)} cases, {args.dtype}) to {args.save}")
+        if not args.against:
+            return 0
+    if b is None:  # the reference, run now
+        sys.path.insert(0, str(Path(__file__).parent))
+        from reference import Reference
+
+        ref_dtype = args.reference_dtype or args.dtype
+        ref = Reference(path, getattr(torch, ref_dtype), args.device)
+        b = ref.stages(cases)
+        meta_b = stages.header(args.model, path, ref_dtype, args.device, cases, "reference (scripts/reference.py)", {})
+    report = stages.compare(a, meta_a, b, meta_b, args.tolerance)
+    name_b = describe(args.against, meta_b) if args.against else f"the reference ({meta_b['dtype']})"
+    print(stages.format_report(report, f"jina_v4 ({args.dtype})", name_b))
+    return 0 if report.ok else 1
+
+
+def describe(path: str, meta: dict) -> str:
+    return f"{path} ({meta.get('implementation', '?')}, {meta.get('dtype')} on {meta.get('device')})"
 
 
 if __name__ == "__main__":

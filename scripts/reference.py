@@ -6,13 +6,20 @@ checkpoint-name map, so that both sides read the files under the same names). It
 
 Hidden states come from the inner `Qwen2_5_VLModel` with `get_rope_index` positions: the released code's
 `hidden_states[-1]` without the LM head.
+
+Run as a script, it writes the reference's stage file (jina_v4/apps/stages.py: every stage of the probe set,
+recorded by hooks on the transformers modules), which `scripts/parity.py --stages --against FILE` compares with:
+
+    python scripts/reference.py --model DIR --dtype float32 -o reference-stages.safetensors
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -260,3 +267,128 @@ class Reference:
             for j, i in enumerate(index):
                 single[i], multi[i] = s[j], m[j]
         return single, multi
+
+    # ---- stage files: the reference's activations, stage by stage (jina_v4/apps/stages.py) --------------------
+
+    def case_batch(self, case, image_cfg):
+        """A probe case as the reference takes it: right-padded ids and mask, and its images' patches and grids
+        (from jina_v4's preprocessing, which is bit-identical to the released fast image processor)."""
+        from jina_v4.model.images import image_patches, load_image
+
+        rows, pixels, grids = [], [], []
+        for x in case.inputs:
+            if "text" in x:
+                prefix = PREFIX["query" if case.task == "text-matching" else case.prompt_name]
+                rows.append(self.tokenizer(f"{prefix}: {x['text']}")["input_ids"])
+            else:
+                p, grid = image_patches(load_image(x["image"]), image_cfg)
+                pixels.append(p)
+                grids.append(grid)
+                rows.append(self.image_batch(grid)["input_ids"][0].tolist())
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        pixel_values = torch.cat(pixels) if pixels else None
+        return ids, mask, pixel_values, torch.tensor(grids) if grids else None
+
+    @torch.no_grad()
+    def stages(self, cases) -> dict[str, torch.Tensor]:
+        """Every stage of each probe case (stage names and layout: jina_v4/apps/stages.py), by forward hooks on
+        the transformers modules: vision block outputs put back from window order into the processor's order."""
+        from jina_v4.apps.stages import windows_to_rows
+        from jina_v4.model.config import PreprocessorConfig, read_json
+
+        image_cfg = PreprocessorConfig.from_dict(read_json(self.path / "preprocessor_config.json"))
+        model = self.ref.model
+        visual, text = model.visual, model.language_model
+        unit = visual.spatial_merge_unit
+        out = {}
+        for case in cases:
+            ids, mask, pixel_values, grid = self.case_batch(case, image_cfg)
+            valid = mask.bool().to(self.device)
+            got = {}
+
+            def keep(name, index=None):
+                def hook(module, args, output):
+                    x = output[0] if isinstance(output, tuple) else output
+                    if index is not None:
+                        x = windows_to_rows(x, index, unit)
+                    elif x.dim() == 3:  # (B, L, D) -> the unpadded tokens
+                        x = x[valid]
+                    got[name] = x.detach()
+
+                return hook
+
+            def embeddings(module, args, kwargs):
+                got["embeddings"] = kwargs["inputs_embeds"][valid].detach()
+
+            hooks = [text.register_forward_pre_hook(embeddings, with_kwargs=True)]
+            hooks += [layer.register_forward_hook(keep(f"decoder.layers.{i}")) for i, layer in enumerate(text.layers)]
+            hooks.append(text.norm.register_forward_hook(keep("decoder.norm")))
+            if grid is not None:
+                index = visual.get_window_index(grid.to(self.device))[0]
+                hooks.append(visual.patch_embed.register_forward_hook(keep("visual.patch_embed")))
+                hooks += [
+                    b.register_forward_hook(keep(f"visual.blocks.{i}", index)) for i, b in enumerate(visual.blocks)
+                ]
+                hooks.append(visual.register_forward_hook(keep("visual.merger")))
+            try:
+                h = self.hidden(ids, mask, case.task, pixel_values, grid)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            rope_kw = dict(
+                image_grid_thw=None if grid is None else grid.to(self.device), attention_mask=mask.to(self.device)
+            )
+            if "mm_token_type_ids" in inspect.signature(model.get_rope_index).parameters:  # transformers 5
+                rope_kw["mm_token_type_ids"] = (ids == self.config["image_token_id"]).int().to(self.device)
+            positions = model.get_rope_index(ids.to(self.device), **rope_kw)[0]  # (3, B, L)
+            got["input_ids"], got["position_ids"] = ids[mask.bool()], positions[:, valid]
+            if grid is not None:
+                got["pixel_values"], got["image_grid_thw"] = pixel_values, grid
+            # each input pooled by its own rule (the released code pools a batch by its first row's rule)
+            got["single"] = torch.cat(
+                [self.pool(h[i : i + 1], ids[i : i + 1], mask[i : i + 1], case.task) for i in range(len(ids))]
+            )
+            got["multi"] = torch.cat(self.pool(h, ids, mask, case.task, multivector=True))
+            out.update({f"{case.name}/{k}": v.cpu().contiguous() for k, v in got.items()})
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jina_v4.apps import stages
+    from jina_v4.model.loading import resolve
+
+    ap = argparse.ArgumentParser(description="write the reference's stage file (transformers + peft)")
+    ap.add_argument("--model", required=True, help="checkpoint directory or hub repo id")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--inputs", help="record on the probe inputs of this stage file instead of the built-in probe")
+    ap.add_argument("-o", "--output", required=True, help="the stage file to write (.safetensors)")
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    path = resolve(args.model)
+    cases = stages.probe_cases() if args.inputs is None else stages.cases_from(*stages.load(args.inputs))
+    ref = Reference(path, getattr(torch, args.dtype), args.device)
+    tensors = {**ref.stages(cases), **stages.image_tensors(cases)}
+    prompts = {
+        t: {"query": f"{PREFIX['query']}: ", "passage": f"{PREFIX['query' if t == 'text-matching' else 'passage']}: "}
+        for t in ref.tasks
+    }
+    settings = {
+        **json.loads((path / "preprocessor_config.json").read_text()),
+        "image_prompt": IMAGE_PROMPT,
+        "prompts": prompts,
+    }
+    implementation = (
+        f"transformers {transformers.__version__} + peft {__import__('peft').__version__} (scripts/reference.py)"
+    )
+    meta = stages.header(args.model, path, args.dtype, args.device, cases, implementation, settings)
+    stages.save(args.output, tensors, meta)
+    print(f"wrote {len(tensors)} tensors ({len(cases)} cases) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,14 +59,14 @@ def rounding(models):
     given, over `run(model)`'s outputs. Tests bound jina_v4 against the reference by FP32 x E, and one
     implementation against itself in other batches by SAME x E. The probe (every text and image size of the
     parity tests, in all three tasks) runs once per checkpoint."""
-    from tolerances import float64_copy, fp32_error
+    from tolerances import float64_copy, fp32_error, fp32_runs
 
     wide, probes = {}, {}
 
     def get(name, *kinds, run=None):
         if name not in wide:
             wide[name] = float64_copy(models(name))
-            probes[name] = probe_errors(lambda run: fp32_error(wide[name], run))
+            probes[name] = probe_errors(lambda run: fp32_runs(wide[name], run))
         extra = [fp32_error(wide[name], run)] if run is not None else []
         return max([probes[name][k] for k in kinds] + extra)
 
@@ -78,35 +78,37 @@ def bf16_rounding(models):
     """bf16_rounding(name, *kinds, run=None) -> E for bf16 (tolerances.bf16_error), as `rounding` for fp32:
     the bf16 model against the exact float64 run of the fp32 weights. Tests bound bf16 against an fp32
     result by BF16 x E."""
-    from tolerances import bf16_error, float64_copy
+    from tolerances import bf16_error, bf16_runs, float64_copy
 
     wide, probes = {}, {}
 
     def get(name, *kinds, run=None):
         if name not in wide:
             wide[name] = float64_copy(models(name))
-            probes[name] = probe_errors(lambda r: bf16_error(models(name, "bfloat16"), wide[name], r))
+            probes[name] = probe_errors(lambda r: bf16_runs(models(name, "bfloat16"), wide[name], r))
         extra = [bf16_error(models(name, "bfloat16"), wide[name], run)] if run is not None else []
         return max([probes[name][k] for k in kinds] + extra)
 
     return get
 
 
-def probe_errors(error) -> dict[str, float]:
-    """error(run) over the probe: every text and image size of the parity tests, three tasks, both heads."""
+def probe_errors(runs) -> dict[str, float]:
+    """The emulated error over the probe: every text and image size of the parity tests, three tasks, both heads
+    from one forward each. runs(run) -> (emulated outputs, exact outputs)."""
+    from jina_v4 import Both, encode
+
     from test_images import SIZES, picture
     from test_text_parity import TEXTS
 
     images = [picture(h, w, seed=i, noise=12) for i, (h, w) in enumerate(SIZES)]
     out = dict.fromkeys(["text", "text-multi", "image", "image-multi"], 0.0)
     for task in ("retrieval", "text-matching", "code"):
-        for multi in (False, True):
-            suffix = "-multi" if multi else ""
-            for kind, run in (
-                ("text", lambda m: m.encode_text(TEXTS, task=task, return_multivector=multi)),
-                ("image", lambda m: m.encode_image(images, task=task, return_multivector=multi)),
-            ):
-                out[kind + suffix] = max(out[kind + suffix], error(run))
+        for kind, inputs in (("text", TEXTS), ("image", [{"image": x} for x in images])):
+            with torch.no_grad():
+                narrow, exact = runs(lambda m: encode(m, m.prepare(inputs, task), Both()))
+            for (s, m), (es, em) in zip(narrow, exact):
+                out[kind] = max(out[kind], float((s.double() - es.double()).abs().max()))
+                out[kind + "-multi"] = max(out[kind + "-multi"], float((m.double() - em.double()).abs().max()))
     return out
 
 

@@ -303,3 +303,39 @@ def test_a_tensor_under_both_layouts(checkpoints, tmp_path):
         r"duplicates model\.safetensors: tensor ",
     ):
         JinaV4.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "key, theirs, value",
+    [
+        ("patch_size", "patch_size", 16),
+        ("merge_size", "spatial_merge_size", 3),
+        ("temporal_patch_size", "temporal_patch_size", 1),
+    ],
+)
+def test_preprocessor_and_vision_config_must_agree(checkpoints, tmp_path, key, theirs, value):
+    """A preprocessor that cuts images into other pieces than the vision tower takes is refused at load, naming
+    both files and both values (not an opaque reshape error at the first image)."""
+    path = shutil.copytree(checkpoints["gqa2-sharded"], tmp_path / "ckpt")
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    ours = json.loads((path / "config.json").read_text())["vision_config"][theirs]
+    pre[key] = value
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(ConfigError) as e:
+        JinaV4.from_pretrained(path, device="cpu")
+    message = str(e.value)
+    assert f"preprocessor_config.json: key '{key}' is {value}" in message
+    assert f"config.json has 'vision_config.{theirs}' {ours}" in message
+
+
+def test_video_is_refused_by_name(models):
+    from jina_v4.model.processing import Item
+
+    model = models("gqa2-sharded")
+    with pytest.raises(TypeError, match=r"inputs\[1\] is a video: jina-embeddings-v4 embeds texts and still images"):
+        model.encode(["a text", {"video": "clip.mp4"}], task="code")
+    item = model.prepare([{"image": torch.zeros(1)}], "code", errors="return")[0]  # not an image: an error in place
+    assert isinstance(item, Exception)
+    two_frames = Item([1, 2], "code", pixel_values=torch.zeros(8, 1176), grid=(2, 2, 2))
+    with pytest.raises(ValueError, match="2 temporal patches: video is not supported"):
+        model.processor.collate([two_frames])

@@ -252,3 +252,26 @@ def test_cli_on_an_image_directory(ckpt, models, batch_tol, corpus, tmp_path, ca
             == 1
         )
         assert message in capsys.readouterr().err
+
+
+def test_a_task_of_the_checkpoint(models, batch_tol, corpus, tmp_path, checkpoints):
+    """A task saved with its prompt rule (tests/test_tasks.py) is taken by name, as the released ones are."""
+    from jina_v4 import JinaV4
+    from jina_v4.apps.saving import save_checkpoint
+
+    model = JinaV4.from_pretrained(checkpoints["gqa4-single"], device="cpu", dtype="float32")
+    model.add_task("legal", init_from="retrieval", query="Clause question: ", passage="Clause: ")
+    path = save_checkpoint(model, checkpoints["gqa4-single"], tmp_path / "legal", ["legal"])
+    d, inputs = corpus
+    embed_corpus(
+        [str(d / "corpus.jsonl")],
+        str(tmp_path / "out"),
+        str(path),
+        actors=1,
+        rows=5,
+        task="legal",
+        prompt_name="passage",
+    )
+    ids, vectors = read_vectors(tmp_path / "out")
+    expected = model.encode(inputs, task="legal", prompt_name="passage")
+    assert_equal_vectors(in_id_order(ids, vectors)[1], expected, False, batch_tol("gqa4-single"))

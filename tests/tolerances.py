@@ -205,11 +205,16 @@ def sum_rounding(terms: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 
 def bf16_error(module_bf16, module64, run) -> float:
     """E for bf16: `run` on the bf16 module with exact products (`ExactProducts`) against module64 run exactly."""
+    return max_diff(*bf16_runs(module_bf16, module64, run))
+
+
+def bf16_runs(module_bf16, module64, run):
+    """(run(module_bf16) with exact products, run(module64)), without autograd."""
     with torch.no_grad():
         exact = run(module64)
         with ExactProducts():
             narrow = run(module_bf16)
-    return max_diff(narrow, exact)
+    return narrow, exact
 
 
 def max_diff(a, b) -> float:

@@ -5,6 +5,8 @@ jina-v4 score "a query" --doc "a text" --image docs/    # ranked cosine or MaxSi
 jina-v4 heatmap "a query" page.png -o heat.png          # where on the page the query matches
 jina-v4 info                                            # config and parameter counts (reads no weights)
 jina-v4 serve --model DIR                               # the embeddings HTTP API (serve.py)
+jina-v4 eval --data nanobeir-scifact/ -o results.json   # nDCG, Recall, MRR on a BEIR or image folder (evaluate.py)
+jina-v4 export --task retrieval --format vllm -o DIR    # merged checkpoints for vLLM or llama.cpp (export.py)
 """
 
 from __future__ import annotations
@@ -226,6 +228,18 @@ def dtype_line(model, parameters: int, device: str | None, dtype: str | None) ->
     return f"dtype: {str(chosen).removeprefix('torch.')} on {device} ({why}); the weights take {sizes}"
 
 
+def evaluate(args) -> None:
+    from .evaluate import main as run
+
+    run(args)
+
+
+def export(args) -> None:
+    from .export import main as run
+
+    run(args)
+
+
 def checkpoint_tasks(argv: list[str]) -> dict:
     """The tasks (config.Task) of the checkpoint that argv's --model names, for the help texts: read from its
     config.json when it is a local directory or already in the hub cache; the release's otherwise."""
@@ -335,6 +349,25 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="a dtype to check on that device instead of the default")
     model_options(p, task=False)
     p.set_defaults(run=info)
+
+    p = sub.add_parser("eval", help="retrieval quality (nDCG, Recall, MRR) on a BEIR-layout or image-document folder")
+    p.add_argument("--data", required=True, help="corpus.jsonl (or images/), queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--split", help="the qrels file: qrels/<split>.tsv (default: test, or the only one)")
+    p.add_argument("--multivector", action="store_true", help="rank by MaxSim of multi-vectors")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension of the single vectors (default: all)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5, 10, 100], help="cut-offs (default 1 3 5 10 100)")
+    p.add_argument("--cache", help="a directory keeping the vectors (by model, task, dtype and data) for reruns")
+    p.add_argument("-o", "--output", help="the results as JSON (metrics under ndcg@10, recall@100, mrr@10, ...)")
+    model_options(p)
+    p.set_defaults(run=evaluate)
+
+    p = sub.add_parser("export", help="a task's merged checkpoint for vLLM (Qwen2.5-VL) or llama.cpp (text-only Qwen2)")
+    p.add_argument(
+        "--format", required=True, choices=["vllm", "text"], help="vllm: with vision; text: Qwen2, no vision"
+    )
+    p.add_argument("-o", "--output", required=True, help="the directory to write (must be empty or new)")
+    model_options(p)
+    p.set_defaults(run=export)
 
     from .serve import add_parser as add_serve  # starlette and uvicorn load only when the server starts
 

@@ -18,8 +18,8 @@ SCRIPT = shutil.which("jina-v4") or str(Path(sys.executable).parent / "jina-v4")
 TEXTS = ["first text", "zweiter Text", "第三个文本"]
 
 
-def run(*args, stdin=None, ok=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(*args, stdin=None, ok=True, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     out = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env, timeout=300)
     if ok:
         assert out.returncode == 0, out.stderr
@@ -173,7 +173,7 @@ def test_info_and_module_entry(ckpt):
         (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
         (["embed", "--image", "IMAGES/notes.txt"], "input 0 ("),
         (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
-        (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
+        (["embed", "x", "--image", "IMAGES/notes.txt"], "cannot identify image file"),
         (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
         (["embed", "x", "--task", "search"], "unknown task 'search'"),
         (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
@@ -194,3 +194,52 @@ def test_bad_option_and_missing_model():
     assert run("embed", "--no-such-option", ok=False).returncode == 2
     out = run("embed", "x", "--model", "/no/such/dir", ok=False)
     assert out.returncode == 1 and "not a checkpoint directory" in out.stderr
+
+
+def test_offline_hub_error_is_whole_and_says_what_to_do(tmp_path):
+    """No checkpoint at hand and the hub off (HF_HUB_OFFLINE=1: nothing leaves the machine): the hub's whole
+    message, then the ways out: a local checkpoint, the hub cache and where it is, HF_HUB_OFFLINE."""
+    out = run("embed", "a text", ok=False, env={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 1
+    err = out.stderr
+    assert err.startswith("jina-v4: error: jinaai/jina-embeddings-v4: cannot fetch from the hub (LocalEntryNotFound")
+    assert "environment variable.)\n" in err  # the end of huggingface-hub's own message: nothing cut
+    assert "--model DIR" in err and "scripts/synthetic.py DIR" in err
+    assert f"the hub cache, {tmp_path / 'hf' / 'hub'}" in err and "HF_HUB_OFFLINE=1" in err
+    assert "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(ckpt):
+    """`jina-v4 ... | head`: when the reader has gone, the command stops with status 0 and says nothing. The read
+    end is closed before the command starts, so every run meets the closed pipe (no race with a reader)."""
+    for args in (["info", "--layers"], ["embed", *TEXTS]):
+        read, write = os.pipe()
+        os.close(read)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(
+            [SCRIPT, *args, "--model", str(ckpt)], stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+        )
+        os.close(write)
+        assert (out.returncode, out.stderr) == (0, ""), args
+    shell = f"set -o pipefail; {SCRIPT} info --layers --model {ckpt} | head -3"
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stderr, len(out.stdout.splitlines())) == (0, "", 3)
+
+
+def test_image_takes_several_paths(ckpt, images, tmp_path):
+    """`--image pages/*.png` unquoted: the shell hands over several paths after one --image."""
+    shell = run("embed", "--image", images / "a.png", images / "b.jpg", "--model", ckpt, "-o", tmp_path / "a.jsonl")
+    quoted = run("embed", "--image", str(images / "*.*g"), "--model", ckpt, "-o", tmp_path / "b.jsonl")
+    assert "embedded 2 items" in shell.stderr and "embedded 2 items" in quoted.stderr
+    rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
+    assert (
+        [r["input"] for r in rows[0]] == [r["input"] for r in rows[1]] == [str(images / "a.png"), str(images / "b.jpg")]
+    )
+    assert [r["embedding"] for r in rows[0]] == [r["embedding"] for r in rows[1]]
+    ranked = run("score", "a query", "--image", images / "a.png", images / "b.jpg", "--model", ckpt).stdout
+    assert "image: " + str(images / "a.png") in ranked and "image: " + str(images / "b.jpg") in ranked
+
+
+def test_serve_help_names_its_extra():
+    out = run("serve", "--help")
+    assert "pip install 'jina_v4[serve]'" in " ".join(out.stdout.split())

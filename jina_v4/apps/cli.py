@@ -10,6 +10,8 @@ jina-v4 serve --model DIR                               # the embeddings HTTP AP
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 import time
 from collections import Counter
@@ -250,7 +252,12 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")
     p.add_argument("--input", action="append", help="a file of texts: one per line, or .jsonl objects")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
-    p.add_argument("--image", action="append", help="image paths, globs or directories")
+    p.add_argument(
+        "--image",
+        nargs="+",
+        action="extend",
+        help="image paths, quoted globs or directories; several may follow one --image (what a shell glob gives)",
+    )
     p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
     p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
@@ -298,7 +305,12 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--doc", action="append", default=[], help="a document text")
     p.add_argument("--docs-file", action="append", help="a file of document texts (lines or .jsonl)")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--image", action="append", help="document images: paths, globs or directories")
+    p.add_argument(
+        "--image",
+        nargs="+",
+        action="extend",
+        help="document images: paths, quoted globs or directories; several may follow one --image",
+    )
     p.add_argument("--multivector", action="store_true", help="MaxSim of multi-vectors instead of cosine")
     p.add_argument("--top", type=int, default=10)
     model_options(p)
@@ -323,18 +335,36 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def stdout_closed() -> bool:
+    """Whether the reader of stdout has gone (`| head` has exited): polling its pipe then reports an error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll() (Windows), no file descriptor (a test's capture)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(argv).parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        if not stdout_closed():
+            print(f"jina-v4: error: {BrokenPipeError.__name__}: a pipe closed", file=sys.stderr)
+            return 1
+        # `jina-v4 ... | head`: the reader took what it wanted. End quietly with 0, as standard tools do, and point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(
             "jina-v4: interrupted (a run into a directory keeps its whole shards; rerun it to resume)", file=sys.stderr
         )
         return 130
-    except Exception as e:  # one clear line, never a traceback
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jina-v4: error: {message}", file=sys.stderr)
+    except Exception as e:  # the whole message (a hub error says what to do on its later lines), never a traceback
+        print(f"jina-v4: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
         return 1
     return 0
 

@@ -41,15 +41,16 @@ def embed(args) -> None:
         except ImportError as e:
             raise CLIError(f"--ray needs Ray Data ({e}): pip install 'jina_v4[ray]'") from None
         return run(args)
-    from .jobs import SUFFIXES, Job, expand_images, read_texts, run_to_file, run_to_shards
+    from . import corpus
+    from .jobs import SUFFIXES, Job, run_to_file, run_to_shards
 
     out = args.output
     sharded = out is not None and (out.endswith("/") or Path(out).is_dir() or not Path(out).suffix)
     if out and not sharded and not out.endswith(SUFFIXES):
         raise CLIError(f"{out}: the output must end in .npy, .safetensors or .jsonl, or name a directory")
-    texts = read_texts(args.texts, args.input, args.text_field, stdin=not args.image)
-    images = expand_images(args.image)
-    if not texts and not images:
+    fields = ("id", args.text_field, "image")
+    rows = corpus.read(args.texts, args.input, args.image, fields, args.on_error, stdin=not args.image)
+    if not rows:
         raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
     model = load_model(args)
     start = time.perf_counter()
@@ -63,38 +64,36 @@ def embed(args) -> None:
         "max_pixels": args.max_pixels,
         "deterministic": args.deterministic,
     }
-    job = Job(
-        model,
-        [{"text": t} for t in texts] + [{"image": p} for p in images],
-        texts + images,
-        settings,
-        args.batch_size,
-        args.on_error,
-        args.quiet,
-    )
+    job = Job(model, rows, settings, args.batch_size, args.on_error, args.quiet)
     if sharded:
-        suffix = "." + (args.format or "safetensors")
-        done_now, done_before = run_to_shards(job, Path(out), suffix, args.shard_size, args.report)
-        resumed = f"; {done_before} were done by an earlier run" if done_before else ""
+        counts = run_to_shards(job, Path(out), "." + (args.format or "safetensors"), args.shard_size, args.report)
+        report = args.report or str(Path(out) / "skipped.jsonl")
     else:
-        done_now, resumed = run_to_file(job, out, args.report), ""
+        counts = run_to_file(job, out, args.report)
+        report = args.report or (out + ".skipped.jsonl" if out else "above")
     if not args.quiet:
-        skipped = f"; {len(job.skipped)} skipped (see the report)" if job.skipped else ""
-        print(
-            f"embedded {done_now} items ({job.tokens} tokens) in {time.perf_counter() - start:.1f} s{resumed}{skipped}",
-            file=sys.stderr,
-        )
+        print(summary(counts, job.tokens, time.perf_counter() - start, report), file=sys.stderr)
+
+
+def summary(counts: dict, tokens: int, seconds: float, report: str) -> str:
+    """`embedded 25 items (...); 1 skipped (...)`: inputs written and inputs skipped, never one count for both."""
+    line = f"embedded {counts['written']} items ({tokens} tokens) in {seconds:.1f} s"
+    if counts["skipped"]:
+        line += f"; {counts['skipped']} skipped (listed {'above' if report == 'above' else 'in ' + report})"
+    if counts.get("written_before") or counts.get("skipped_before"):
+        line += f"; an earlier run had embedded {counts['written_before']} and skipped {counts['skipped_before']}"
+    return line
 
 
 def score(args) -> None:
     from ..model.processing import preview
-    from .jobs import expand_images, read_texts
+    from . import corpus
     from .scoring import maxsim
 
-    docs = [{"text": t} for t in read_texts(args.doc, args.docs_file, args.text_field, stdin=False)]
-    docs += [{"image": p} for p in expand_images(args.image)]
-    if not docs:
+    rows = corpus.read(args.doc, args.docs_file, args.image, ("id", args.text_field, "image"))
+    if not rows:
         raise CLIError("no documents: give --doc texts, --docs-file files or --image paths")
+    docs = [r.input for r in rows]
     model = load_model(args)
     common = dict(
         batch_size=args.batch_size,
@@ -111,7 +110,7 @@ def score(args) -> None:
         print(f"  {'rank':>4}  {kind:>8}  document")
         order = scores[i].argsort(descending=True)[: args.top]
         for rank, j in enumerate(order.tolist(), 1):
-            label = f"text: {docs[j]['text']}" if "text" in docs[j] else f"image: {docs[j]['image']}"
+            label = f"text: {rows[j].label}" if "text" in docs[j] else f"image: {rows[j].label}"
             print(f"  {rank:>4}  {scores[i, j].item():>8.4f}  {preview(label, 70)}")
 
 
@@ -250,7 +249,12 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed texts and images")
     p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")
-    p.add_argument("--input", action="append", help="a file of texts: one per line, or .jsonl objects")
+    p.add_argument(
+        "--input",
+        action="append",
+        help="a corpus: .jsonl (a text or an image per line, optional id), .parquet, an image directory, "
+        "or a file of texts, one per line",
+    )
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
     p.add_argument(
         "--image",
@@ -303,7 +307,7 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="rank documents (texts or images) for each query")
     p.add_argument("queries", nargs="+")
     p.add_argument("--doc", action="append", default=[], help="a document text")
-    p.add_argument("--docs-file", action="append", help="a file of document texts (lines or .jsonl)")
+    p.add_argument("--docs-file", action="append", help="documents as embed --input reads them (.jsonl, .parquet, ...)")
     p.add_argument("--text-field", default="text")
     p.add_argument(
         "--image",

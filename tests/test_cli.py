@@ -152,10 +152,23 @@ def test_score(ckpt, models, images):
 
 
 def test_heatmap_png(ckpt, images, tmp_path):
+    """The 200x60 picture with the heat over it, and under it a colour scale (40 px): the ramp from dark blue
+    (the lowest cell score) to yellow (the highest), and the values written under its ends and middle."""
+    from jina_v4.apps.cli import colormap
+
     out = run("heatmap", "a query", images / "b.jpg", "-o", tmp_path / "h.png", "--model", ckpt)
     with Image.open(tmp_path / "h.png") as png:
-        assert png.format == "PNG" and png.size == (200, 60)
-    assert "wrote" in out.stderr
+        assert png.format == "PNG" and png.size == (240, 100)  # the scale needs 240 px: the canvas widens
+        pixels = np.asarray(png.convert("RGB"))
+    bar = pixels[66:78, 8:232]  # 12 rows of the ramp
+    assert (bar == bar[:1]).all()  # each column one colour
+    assert (bar[0, 0] == colormap(np.array(0.0))).all() and (bar[0, -1] == colormap(np.array(1.0))).all()
+    assert np.abs(bar[0].astype(int) - colormap(np.linspace(0, 1, 224)).astype(int)).max() == 0
+    labels = pixels[83:100]
+    for columns in (slice(0, 60), slice(90, 150), slice(180, 240)):  # text under the left end, middle, right end
+        assert (labels[:, columns].max(axis=-1) < 100).any()
+    assert (pixels[60:, 200:][:5] == 255).all()  # white beside the picture, above the bar
+    assert "wrote" in out.stderr and "scores " in out.stderr
 
 
 def test_info_and_module_entry(ckpt):

@@ -123,15 +123,37 @@ def heatmap(args) -> None:
     model = load_model(args)
     image = load_image(args.image)
     scores = similarity_map(model, args.query, image, max_pixels=args.max_pixels)  # (h, w) merge units
-    s = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-12)
+    lo, hi = scores.min().item(), scores.max().item()
+    s = (scores - lo) / max(hi - lo, 1e-12)
     heat = Image.fromarray(colormap(s.numpy())).resize(image.size, Image.Resampling.BILINEAR)
-    Image.blend(image, heat, args.alpha).save(args.output)
+    with_scale(Image.blend(image, heat, args.alpha), lo, hi).save(args.output)
     if not args.quiet:
         print(
             f"wrote {args.output} ({image.width}x{image.height}, {scores.shape[0]}x{scores.shape[1]} cells, "
             f"scores {scores.min().item():.3f}..{scores.max().item():.3f})",
             file=sys.stderr,
         )
+
+
+LEGEND_HEIGHT, LEGEND_MIN_WIDTH = 40, 240  # px under the picture: a colour bar and its values
+
+
+def with_scale(picture, lo: float, hi: float):
+    """The picture with a colour scale under it: the ramp from this image's lowest cell score (left) to its
+    highest (right), labelled with the scores at its ends and middle."""
+    from PIL import Image, ImageDraw
+
+    width = max(picture.width, LEGEND_MIN_WIDTH)
+    out = Image.new("RGB", (width, picture.height + LEGEND_HEIGHT), "white")
+    out.paste(picture, (0, 0))
+    left, right, top = 8, width - 8, picture.height + 6
+    ramp = colormap(np.linspace(0, 1, right - left))[None].repeat(12, axis=0)  # (12, bar width, 3)
+    out.paste(Image.fromarray(ramp), (left, top))
+    draw = ImageDraw.Draw(out)
+    for x, value, anchor in ((left, lo, "la"), ((left + right) // 2, (lo + hi) / 2, "ma"), (right, hi, "ra")):
+        draw.line([(x, top + 12), (x, top + 15)], fill="black")
+        draw.text((x, top + 17), f"{value:.3g}", fill="black", anchor=anchor)
+    return out
 
 
 def colormap(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,11 @@
-"""Random checkpoints in exactly the released layout, written from the reference's own modules
-(transformers Qwen2.5-VL + peft), so that the files do not depend on jina_v4: tiny ones for the tests, and
-real-width ones of reduced depth for scripts/bench.py.
+"""Random checkpoints in exactly the released layout, written two ways that give the same files byte for byte:
+
+- `write_demo_checkpoint`: from jina_v4's own modules and saving code, with the core dependencies alone
+  (torch, safetensors, tokenizers). The command line writes one, for trying the tools without the hub:
+      python scripts/synthetic.py demo-model        # random weights: vectors that mean nothing
+  and the tests use it wherever the reference is not needed (the CLI, jobs, the server, Ray).
+- `write_checkpoint`: from the reference's own modules (transformers Qwen2.5-VL + peft), so that the files the
+  parity tests compare on do not depend on jina_v4; also real-width ones of reduced depth for scripts/bench.py.
 
 Layout: config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
 model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
@@ -9,7 +14,10 @@ adapters/adapter_config.json, adapters/adapter_model.safetensors.
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +93,7 @@ class Tiny:
     fullatt: tuple = (1, 3)
     vision_intermediate: int = 0  # 0: 1.5 x vision_hidden
     vocab: int = 0  # 0: a trained 400-token BPE; else a byte-level vocabulary of this size with Qwen's token ids
+    matryoshka: tuple = ()  # () : (8, 16, 32, hidden); the released (128, ..., 2048) at hidden 2048
 
 
 def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") -> Tiny:
@@ -110,6 +119,21 @@ def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") 
         vocab=151936,
     )
 
+
+# What `python scripts/synthetic.py DIR` writes: small and fast, but with the released multi-vector width (128)
+# and two of the released Matryoshka dims (128, 256), so that examples written for the real model run on it.
+DEMO = Tiny(
+    "demo",
+    hidden=256,
+    heads=4,
+    kv_heads=2,
+    intermediate=512,
+    mrope=(8, 12, 12),
+    proj_dim=128,
+    r=8,
+    alpha=8,
+    matryoshka=(128, 256),
+)
 
 CONFIGS = [
     Tiny("gqa2-sharded", mrope=(2, 4, 2)),  # height and width sections differ (so do r and alpha: 4, 8)
@@ -229,7 +253,7 @@ def model_config(t: Tiny, tok: Tokenizer) -> dict:
         rope_scaling={"mrope_section": list(t.mrope), "rope_type": "default", "type": "default"},
         torch_dtype=t.dtype,
     )
-    dims = cfg["matryoshka_dims"] if t.hidden == 2048 else [8, 16, 32, t.hidden]
+    dims = list(t.matryoshka) or (cfg["matryoshka_dims"] if t.hidden == 2048 else [8, 16, 32, t.hidden])
     cfg.update(text, **ids, multi_vector_projector_dim=t.proj_dim, matryoshka_dims=dims)
     cfg["text_config"].update(text, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     cfg["vision_config"].update(
@@ -244,11 +268,14 @@ def model_config(t: Tiny, tok: Tokenizer) -> dict:
     return cfg
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Weights that keep activations alive through a few layers; norms near 1; non-zero biases."""
+def randomize(params: torch.nn.Module | dict[str, torch.Tensor], seed: int) -> None:
+    """Weights that keep activations alive through a few layers; norms near 1; non-zero biases. `params`: a
+    module, or parameters by name; they are drawn in the order of their names (the reference's names, in
+    both writers), so that the same names and seed give the same values."""
+    params = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
+        for name, p in sorted(params.items()):
             if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
@@ -273,10 +300,8 @@ def qwen_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0, tok: Tokenizer | None = None) -> Path:
-    """`tok`: the tokenizer to ship (default: `build_tokenizer(t.vocab)`)."""
-    from reference import RefModel, add_task_adapters, released_state_dict
-
+def write_configs(path: Path, t: Tiny, tok: Tokenizer | None) -> tuple[dict, dict]:
+    """The tokenizer, preprocessor and config files of a checkpoint; returns (config.json, adapter_config.json)."""
     path.mkdir(parents=True, exist_ok=True)
     tok = tok or build_tokenizer(t.vocab)
     tok.save(str(path / "tokenizer.json"))
@@ -284,37 +309,105 @@ def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0, tok: Tokenizer
     (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())
     cfg = model_config(t, tok)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-
-    dtype = getattr(torch, t.dtype)
-    ref = RefModel.from_config_dict(cfg)
-    randomize(ref, seed)
-    weights = {k: v.to(dtype).contiguous() for k, v in released_state_dict(ref).items()}
-    if t.shards == 0:
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    else:
-        keys = list(weights)
-        n, weight_map = t.shards, {}
-        for i in range(n):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            part = keys[i * len(keys) // n : (i + 1) * len(keys) // n]
-            save_file({k: weights[k] for k in part}, path / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in part})
-        index = {
-            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
-            "weight_map": weight_map,
-        }
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
     adapter_cfg = json.loads((RELEASED / "adapters" / "adapter_config.json").read_text())
     adapter_cfg.update(r=t.r, lora_alpha=t.alpha)
     (path / "adapters").mkdir(exist_ok=True)
     (path / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-    peft_model = add_task_adapters(ref, adapter_cfg, cfg["task_names"])
+    return cfg, adapter_cfg
+
+
+def shard_order(name: str) -> tuple:
+    """A fixed order of the released names for cutting shards: the vision tower, the decoder, the projector;
+    numbers in numeric order (layers.2 before layers.10)."""
+    group = 0 if name.startswith("visual.") else 1 if name.startswith("model.") else 2
+    return group, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
+    """model.safetensors (shards 0), or `shards` files and model.safetensors.index.json."""
+    if shards == 0:
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        return
+    keys, weight_map = sorted(weights, key=shard_order), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
+        save_file({k: weights[k] for k in part}, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
+        "weight_map": weight_map,
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def lora_weights(shapes: dict[str, tuple], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random LoRA A/B under their adapter-file keys, drawn in the order given (peft's module order: each
+    adapted Linear in turn, its A for every task, then its B for every task)."""
     g = torch.Generator().manual_seed(seed + 1)
     lora = {}
-    for k, p in peft_model.state_dict().items():
-        if ".lora_" in k:
-            scale = 1 / p.shape[1] ** 0.5 if ".lora_A." in k else 0.5 / p.shape[1] ** 0.5
-            lora[k] = (torch.randn(p.shape, generator=g) * scale).to(dtype).contiguous()
-    save_file(lora, path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"})
+    for k, shape in shapes.items():
+        scale = 1 / shape[1] ** 0.5 if ".lora_A." in k else 0.5 / shape[1] ** 0.5
+        lora[k] = (torch.randn(shape, generator=g) * scale).to(dtype).contiguous()
+    return lora
+
+
+def write_checkpoint(path: Path, t: Tiny = Tiny(), seed: int = 0, tok: Tokenizer | None = None) -> Path:
+    """From the reference's modules (transformers + peft). `tok`: the tokenizer to ship (default:
+    `build_tokenizer(t.vocab)`)."""
+    from reference import RefModel, add_task_adapters, released_state_dict
+
+    cfg, adapter_cfg = write_configs(path, t, tok)
+    dtype = getattr(torch, t.dtype)
+    ref = RefModel.from_config_dict(cfg)
+    randomize(ref, seed)
+    save_weights(path, {k: v.to(dtype).contiguous() for k, v in released_state_dict(ref).items()}, t.shards)
+    peft_model = add_task_adapters(ref, adapter_cfg, cfg["task_names"])
+    shapes = {k: tuple(p.shape) for k, p in peft_model.state_dict().items() if ".lora_" in k}
+    save_file(
+        lora_weights(shapes, seed, dtype), path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
     return path
+
+
+def write_demo_checkpoint(path: Path, t: Tiny = DEMO, seed: int = 0, tok: Tokenizer | None = None) -> Path:
+    """The same files as `write_checkpoint`, from jina_v4's modules and saving code (no transformers, no peft):
+    the model built on the meta device from the config files, materialised, filled by `randomize` under the
+    reference's names, and written under the released names."""
+    from jina_v4.apps.saving import adapter_tensors
+    from jina_v4.model import JinaV4
+    from jina_v4.model.loading import reference_name
+
+    cfg, _ = write_configs(path, t, tok)
+    dtype = getattr(torch, t.dtype)
+    model = JinaV4.on_meta(path).to_empty(device="cpu").float()
+    base = {k: p for k, p in model.named_parameters() if ".lora_" not in k}
+    randomize({reference_name(k): p for k, p in base.items()}, seed)
+    save_weights(path, {k: p.detach().to(dtype).contiguous() for k, p in base.items()}, t.shards)
+    shapes = {k: tuple(v.shape) for k, v in adapter_tensors(model, cfg["task_names"]).items()}
+    save_file(
+        lora_weights(shapes, seed, dtype), path / "adapters" / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    sizes = {t.name: t for t in [DEMO, *CONFIGS]}
+    ap = argparse.ArgumentParser(
+        description="Write a small checkpoint with RANDOM weights in the released layout (config files, sharded "
+        "safetensors, task adapters, tokenizer), for trying the tools and for tests: its vectors mean nothing. "
+        "Needs only jina_v4's core dependencies."
+    )
+    ap.add_argument("directory", type=Path, help="where to write it (created; existing files are overwritten)")
+    ap.add_argument("--size", default=DEMO.name, choices=list(sizes), help="demo (default) or a test configuration")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.directory.exists() and not args.directory.is_dir():
+        ap.error(f"{args.directory} is a file")
+    write_demo_checkpoint(args.directory, sizes[args.size], args.seed)
+    print(f"wrote {args.directory}: random weights, for trying the tools (--model {args.directory})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

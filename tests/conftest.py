@@ -7,27 +7,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # reference.py, the oracle (also used by parity.py)
 
-from synthetic import CONFIGS, write_checkpoint  # noqa: E402
+from synthetic import CONFIGS, write_checkpoint, write_demo_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """name -> directory of a tiny checkpoint in the released layout, written once per session."""
+    """name -> directory of a tiny checkpoint in the released layout, written once per session by jina_v4's own
+    writer (synthetic.write_demo_checkpoint: no transformers or peft). tests/test_synthetic.py proves its files
+    equal, byte for byte, those the reference's modules write (`reference_checkpoints`)."""
     root = tmp_path_factory.mktemp("ckpt")
+    return {t.name: write_demo_checkpoint(root / t.name, t, seed=i) for i, t in enumerate(CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoints(tmp_path_factory):
+    """The same checkpoints, written from the reference's modules (transformers + peft, synthetic.write_checkpoint):
+    what the reference reads in the parity tests, so that the files it compares on do not depend on jina_v4."""
+    root = tmp_path_factory.mktemp("ref-ckpt")
     return {t.name: write_checkpoint(root / t.name, t, seed=i) for i, t in enumerate(CONFIGS)}
 
 
 @pytest.fixture(scope="session")
-def references(checkpoints):
+def references(reference_checkpoints):
     from reference import Reference
 
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = Reference(checkpoints[name])
+            cache[name] = Reference(reference_checkpoints[name])
         return cache[name]
 
     return get

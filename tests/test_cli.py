@@ -20,8 +20,8 @@ SCRIPT = shutil.which("jina-v4") or str(Path(sys.executable).parent / "jina-v4")
 TEXTS = ["first text", "zweiter Text", "第三个文本"]
 
 
-def run(*args, stdin=None, ok=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(*args, stdin=None, ok=True, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     out = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env, timeout=300)
     if ok:
         assert out.returncode == 0, out.stderr
@@ -156,10 +156,23 @@ def test_score(ckpt, models, images):
 
 
 def test_heatmap_png(ckpt, images, tmp_path):
+    """The 200x60 picture with the heat over it, and under it a colour scale (40 px): the ramp from dark blue
+    (the lowest cell score) to yellow (the highest), and the values written under its ends and middle."""
+    from jina_v4.apps.cli import colormap
+
     out = run("heatmap", "a query", images / "b.jpg", "-o", tmp_path / "h.png", "--model", ckpt)
     with Image.open(tmp_path / "h.png") as png:
-        assert png.format == "PNG" and png.size == (200, 60)
-    assert "wrote" in out.stderr
+        assert png.format == "PNG" and png.size == (240, 100)  # the scale needs 240 px: the canvas widens
+        pixels = np.asarray(png.convert("RGB"))
+    bar = pixels[66:78, 8:232]  # 12 rows of the ramp
+    assert (bar == bar[:1]).all()  # each column one colour
+    assert (bar[0, 0] == colormap(np.array(0.0))).all() and (bar[0, -1] == colormap(np.array(1.0))).all()
+    assert np.abs(bar[0].astype(int) - colormap(np.linspace(0, 1, 224)).astype(int)).max() == 0
+    labels = pixels[83:100]
+    for columns in (slice(0, 60), slice(90, 150), slice(180, 240)):  # text under the left end, middle, right end
+        assert (labels[:, columns].max(axis=-1) < 100).any()
+    assert (pixels[60:, 200:][:5] == 255).all()  # white beside the picture, above the bar
+    assert "wrote" in out.stderr and "scores " in out.stderr
 
 
 def test_info_and_module_entry(ckpt):
@@ -214,7 +227,7 @@ def test_the_dtype_and_why_once(checkpoints, native, dtype, line):
         (["embed", "--input", "/no/such.txt"], "/no/such.txt: no such file"),
         (["embed", "--image", "IMAGES/notes.txt"], "input 0 ("),
         (["embed", "--image", "IMAGES/*.gif"], "matches no image file"),
-        (["embed", "--image", "IMAGES/notes.txt", "x"], "cannot identify image file"),
+        (["embed", "x", "--image", "IMAGES/notes.txt"], "cannot identify image file"),
         (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
         (["embed", "x", "--task", "search"], "unknown task 'search'"),
         (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
@@ -236,3 +249,52 @@ def test_bad_option_and_missing_model():
     assert run("embed", "--no-such-option", ok=False).returncode == 2
     out = run("embed", "x", "--model", "/no/such/dir", ok=False)
     assert out.returncode == 1 and "not a checkpoint directory" in out.stderr
+
+
+def test_offline_hub_error_is_whole_and_says_what_to_do(tmp_path):
+    """No checkpoint at hand and the hub off (HF_HUB_OFFLINE=1: nothing leaves the machine): the hub's whole
+    message, then the ways out: a local checkpoint, the hub cache and where it is, HF_HUB_OFFLINE."""
+    out = run("embed", "a text", ok=False, env={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 1
+    err = out.stderr
+    assert err.startswith("jina-v4: error: jinaai/jina-embeddings-v4: cannot fetch from the hub (LocalEntryNotFound")
+    assert "environment variable.)\n" in err  # the end of huggingface-hub's own message: nothing cut
+    assert "--model DIR" in err and "scripts/synthetic.py DIR" in err
+    assert f"the hub cache, {tmp_path / 'hf' / 'hub'}" in err and "HF_HUB_OFFLINE=1" in err
+    assert "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(ckpt):
+    """`jina-v4 ... | head`: when the reader has gone, the command stops with status 0 and says nothing. The read
+    end is closed before the command starts, so every run meets the closed pipe (no race with a reader)."""
+    for args in (["info", "--layers"], ["embed", *TEXTS]):
+        read, write = os.pipe()
+        os.close(read)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(
+            [SCRIPT, *args, "--model", str(ckpt)], stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+        )
+        os.close(write)
+        assert (out.returncode, out.stderr) == (0, ""), args
+    shell = f"set -o pipefail; {SCRIPT} info --layers --model {ckpt} | head -3"
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stderr, len(out.stdout.splitlines())) == (0, "", 3)
+
+
+def test_image_takes_several_paths(ckpt, images, tmp_path):
+    """`--image pages/*.png` unquoted: the shell hands over several paths after one --image."""
+    shell = run("embed", "--image", images / "a.png", images / "b.jpg", "--model", ckpt, "-o", tmp_path / "a.jsonl")
+    quoted = run("embed", "--image", str(images / "*.*g"), "--model", ckpt, "-o", tmp_path / "b.jsonl")
+    assert "embedded 2 items" in shell.stderr and "embedded 2 items" in quoted.stderr
+    rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
+    assert (
+        [r["input"] for r in rows[0]] == [r["input"] for r in rows[1]] == [str(images / "a.png"), str(images / "b.jpg")]
+    )
+    assert [r["embedding"] for r in rows[0]] == [r["embedding"] for r in rows[1]]
+    ranked = run("score", "a query", "--image", images / "a.png", images / "b.jpg", "--model", ckpt).stdout
+    assert "image: " + str(images / "a.png") in ranked and "image: " + str(images / "b.jpg") in ranked
+
+
+def test_serve_help_names_its_extra():
+    out = run("serve", "--help")
+    assert "pip install 'jina_v4[serve]'" in " ".join(out.stdout.split())

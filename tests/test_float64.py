@@ -26,7 +26,7 @@ IMAGES = [(240, 320), (100, 500), (56, 56), (450, 380)]
 
 
 @pytest.fixture(scope="module")
-def pair(checkpoints):
+def pair(checkpoints, reference_checkpoints):
     from reference import Reference
 
     cache = {}
@@ -35,7 +35,7 @@ def pair(checkpoints):
         if name not in cache:
             cache[name] = (
                 JinaV4.from_pretrained(checkpoints[name], device="cpu", dtype="float64"),
-                Reference(checkpoints[name], dtype=torch.float64),
+                Reference(reference_checkpoints[name], dtype=torch.float64),
             )
         return cache[name]
 

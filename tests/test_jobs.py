@@ -76,7 +76,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(checkpoints, corpus, tmp_
     proc.wait()
     assert len(list(partial.glob("shard-*.safetensors"))) == 2  # killed after its second shard, before a third
     out = run(*embed_args(ckpt, corpus, partial, "--batch-size", 2, quiet=False))  # the same run, with a summary
-    assert f"{N - 10} items" in out.stderr and "10 were done by an earlier run" in out.stderr
+    assert f"embedded {N - 10} items" in out.stderr and "an earlier run had embedded 10 and skipped 0" in out.stderr
     a, b = read_shards(full), read_shards(partial)
     assert a[0] == b[0] == list(range(N))
     assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))  # item for item, bit for bit
@@ -127,7 +127,7 @@ def test_skip_and_report(checkpoints, corpus, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 2] and "1 skipped" in out.stderr
     report = [json.loads(line) for line in (tmp_path / "x.jsonl.skipped.jsonl").read_text().splitlines()]
-    assert report == [{"index": 1, "input": str(bad), "error": report[0]["error"]}]
+    assert report == [{"index": 1, "id": 1, "input": str(bad), "error": report[0]["error"]}]
     assert report[0]["error"].startswith("UnidentifiedImageError: cannot identify image file")
     shards = tmp_path / "skip-shards"
     run(

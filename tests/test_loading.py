@@ -164,6 +164,26 @@ def test_hub_repo_id_from_local_cache(checkpoints, models, tmp_path, monkeypatch
         JinaV4.from_pretrained(str(tmp_path / "nowhere"))
 
 
+def test_hub_error_whole_with_the_ways_out(tmp_path, monkeypatch):
+    """A network error of several lines reaches the user whole, followed by what to do without the hub."""
+    import huggingface_hub
+
+    def unreachable(repo_id, **kw):
+        raise ConnectionError("Cannot reach the hub\nGot: ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(FileNotFoundError) as e:
+        JinaV4.from_pretrained("tiny-org/tiny-v4", cache_dir=tmp_path / "cache")
+    lines = str(e.value).splitlines()
+    assert lines[:2] == [
+        "tiny-org/tiny-v4: cannot fetch from the hub (ConnectionError: Cannot reach the hub",
+        "Got: ConnectError: [Errno -2] Name or service not known)",
+    ]
+    rest = "\n".join(lines[2:])
+    assert "--model DIR" in rest and "from_pretrained(DIR)" in rest and "released layout" in rest
+    assert f"the hub cache, {tmp_path / 'cache'}" in rest and "HF_HUB_OFFLINE=1" in rest
+
+
 def test_missing_shard(checkpoints, tmp_path):
     path = copy(checkpoints, tmp_path, "gqa2-sharded")
     (path / "model-00002-of-00002.safetensors").unlink()

@@ -196,12 +196,38 @@ def test_default_ids_survive_a_line_skipped_while_reading(ckpt, models, batch_to
 
 def test_on_error_fail_names_the_input(ckpt, bad_corpus, tmp_path):
     lines = bad_corpus.read_text().splitlines()
-    only_embedder_errors = tmp_path / "bad.jsonl"  # the reader's own checks (int, surrogate) run first otherwise
+    only_embedder_errors = tmp_path / "bad.jsonl"  # the reader's own checks (both, int, surrogate) run first otherwise
     only_embedder_errors.write_text("\n".join(lines[:5]).replace("pages/", str(bad_corpus.parent / "pages") + "/"))
-    with pytest.raises(EmbedError, match=r"^id 'missing' \(.*missing\.png\): FileNotFoundError"):
+    with pytest.raises(EmbedError, match=r"^input 4, id 'missing' \(.*missing\.png\): FileNotFoundError"):
         embed_corpus([str(only_embedder_errors)], str(tmp_path / "out"), ckpt, actors=1, rows=2)
-    with pytest.raises(EmbedError, match=r"^id 'number': .*bad\.jsonl:8: text is int, not str: 7"):
+    with pytest.raises(EmbedError, match=r"^.*bad\.jsonl:7: a row holds a 'text' or an 'image', not both"):
         embed_corpus([str(bad_corpus)], str(tmp_path / "out2"), ckpt, actors=1, rows=2)
+
+
+def test_plain_and_ray_read_the_same_corpus(ckpt, batch_tol, bad_corpus, tmp_path):
+    """One reader: `embed --input` in one process and `embed --ray` take the same jsonl (ids, image rows, bad lines),
+    embed the same inputs and report the same ones skipped, each by its index and id."""
+    common = ["embed", "--input", str(bad_corpus), "--model", ckpt, "--on-error", "skip", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "plain.jsonl")]) == 0
+    assert main([*common, "--ray", "-o", str(tmp_path / "ray"), "--actors", "1", "--shard-size", "3"]) == 0
+    plain = sorted(
+        (json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()), key=lambda r: r["id"]
+    )
+    ids, vectors = in_id_order(*read_vectors(tmp_path / "ray"))
+    assert [r["id"] for r in plain] == ids == ["t0", "t1", "t2", "t3", "t4"]
+    assert np.abs(np.array([r["embedding"] for r in plain]) - vectors).max() <= batch_tol("gqa4-single")
+    reports = [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in (tmp_path / "plain.jsonl.skipped.jsonl", tmp_path / "ray" / "skipped.jsonl")
+    ]
+    assert reports[0] == reports[1]
+    assert [(r["index"], r["id"]) for r in reports[0]] == [
+        (4, "missing"),
+        (5, "not-an-image"),
+        (6, "both"),
+        (7, "number"),
+        (9, "surrogate"),
+    ]
 
 
 def test_cli_on_an_image_directory(ckpt, models, batch_tol, corpus, tmp_path, capsys):

@@ -133,12 +133,12 @@ def test_gradient_parity_fp32(name, fresh, references, grad_rounding):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("name", ["mha-bf16", "gqa4-single"])
-def test_gradient_parity_float64(name, fresh, checkpoints):
+def test_gradient_parity_float64(name, fresh, reference_checkpoints):
     from reference import Reference
 
     loss, ours = our_gradients(fresh(name, "float64"))
     with float64_islands():
-        ref_loss, theirs = reference_gradients(Reference(checkpoints[name], dtype=torch.float64))
+        ref_loss, theirs = reference_gradients(Reference(reference_checkpoints[name], dtype=torch.float64))
     print(
         f"{name} float64: loss {abs(loss - ref_loss) / abs(ref_loss):.1e}, gradients {worst_relative(ours, theirs):.1e}"
     )

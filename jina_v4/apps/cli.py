@@ -12,6 +12,8 @@ jina-v4 export --task retrieval --format vllm -o DIR    # merged checkpoints for
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 import time
 from collections import Counter
@@ -41,15 +43,16 @@ def embed(args) -> None:
         except ImportError as e:
             raise CLIError(f"--ray needs Ray Data ({e}): pip install 'jina_v4[ray]'") from None
         return run(args)
-    from .jobs import SUFFIXES, Job, expand_images, read_texts, run_to_file, run_to_shards
+    from . import corpus
+    from .jobs import SUFFIXES, Job, run_to_file, run_to_shards
 
     out = args.output
     sharded = out is not None and (out.endswith("/") or Path(out).is_dir() or not Path(out).suffix)
     if out and not sharded and not out.endswith(SUFFIXES):
         raise CLIError(f"{out}: the output must end in .npy, .safetensors or .jsonl, or name a directory")
-    texts = read_texts(args.texts, args.input, args.text_field, stdin=not args.image)
-    images = expand_images(args.image)
-    if not texts and not images:
+    fields = ("id", args.text_field, "image")
+    rows = corpus.read(args.texts, args.input, args.image, fields, args.on_error, stdin=not args.image)
+    if not rows:
         raise CLIError("nothing to embed: give texts, --input files, --image paths, or lines on stdin")
     model = load_model(args)
     start = time.perf_counter()
@@ -63,38 +66,36 @@ def embed(args) -> None:
         "max_pixels": args.max_pixels,
         "deterministic": args.deterministic,
     }
-    job = Job(
-        model,
-        [{"text": t} for t in texts] + [{"image": p} for p in images],
-        texts + images,
-        settings,
-        args.batch_size,
-        args.on_error,
-        args.quiet,
-    )
+    job = Job(model, rows, settings, args.batch_size, args.on_error, args.quiet)
     if sharded:
-        suffix = "." + (args.format or "safetensors")
-        done_now, done_before = run_to_shards(job, Path(out), suffix, args.shard_size, args.report)
-        resumed = f"; {done_before} were done by an earlier run" if done_before else ""
+        counts = run_to_shards(job, Path(out), "." + (args.format or "safetensors"), args.shard_size, args.report)
+        report = args.report or str(Path(out) / "skipped.jsonl")
     else:
-        done_now, resumed = run_to_file(job, out, args.report), ""
+        counts = run_to_file(job, out, args.report)
+        report = args.report or (out + ".skipped.jsonl" if out else "above")
     if not args.quiet:
-        skipped = f"; {len(job.skipped)} skipped (see the report)" if job.skipped else ""
-        print(
-            f"embedded {done_now} items ({job.tokens} tokens) in {time.perf_counter() - start:.1f} s{resumed}{skipped}",
-            file=sys.stderr,
-        )
+        print(summary(counts, job.tokens, time.perf_counter() - start, report), file=sys.stderr)
+
+
+def summary(counts: dict, tokens: int, seconds: float, report: str) -> str:
+    """`embedded 25 items (...); 1 skipped (...)`: inputs written and inputs skipped, never one count for both."""
+    line = f"embedded {counts['written']} items ({tokens} tokens) in {seconds:.1f} s"
+    if counts["skipped"]:
+        line += f"; {counts['skipped']} skipped (listed {'above' if report == 'above' else 'in ' + report})"
+    if counts.get("written_before") or counts.get("skipped_before"):
+        line += f"; an earlier run had embedded {counts['written_before']} and skipped {counts['skipped_before']}"
+    return line
 
 
 def score(args) -> None:
     from ..model.processing import preview
-    from .jobs import expand_images, read_texts
+    from . import corpus
     from .scoring import maxsim
 
-    docs = [{"text": t} for t in read_texts(args.doc, args.docs_file, args.text_field, stdin=False)]
-    docs += [{"image": p} for p in expand_images(args.image)]
-    if not docs:
+    rows = corpus.read(args.doc, args.docs_file, args.image, ("id", args.text_field, "image"))
+    if not rows:
         raise CLIError("no documents: give --doc texts, --docs-file files or --image paths")
+    docs = [r.input for r in rows]
     model = load_model(args)
     common = dict(
         batch_size=args.batch_size,
@@ -111,7 +112,7 @@ def score(args) -> None:
         print(f"  {'rank':>4}  {kind:>8}  document")
         order = scores[i].argsort(descending=True)[: args.top]
         for rank, j in enumerate(order.tolist(), 1):
-            label = f"text: {docs[j]['text']}" if "text" in docs[j] else f"image: {docs[j]['image']}"
+            label = f"text: {rows[j].label}" if "text" in docs[j] else f"image: {rows[j].label}"
             print(f"  {rank:>4}  {scores[i, j].item():>8.4f}  {preview(label, 70)}")
 
 
@@ -124,15 +125,37 @@ def heatmap(args) -> None:
     model = load_model(args)
     image = load_image(args.image)
     scores = similarity_map(model, args.query, image, max_pixels=args.max_pixels)  # (h, w) merge units
-    s = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-12)
+    lo, hi = scores.min().item(), scores.max().item()
+    s = (scores - lo) / max(hi - lo, 1e-12)
     heat = Image.fromarray(colormap(s.numpy())).resize(image.size, Image.Resampling.BILINEAR)
-    Image.blend(image, heat, args.alpha).save(args.output)
+    with_scale(Image.blend(image, heat, args.alpha), lo, hi).save(args.output)
     if not args.quiet:
         print(
             f"wrote {args.output} ({image.width}x{image.height}, {scores.shape[0]}x{scores.shape[1]} cells, "
             f"scores {scores.min().item():.3f}..{scores.max().item():.3f})",
             file=sys.stderr,
         )
+
+
+LEGEND_HEIGHT, LEGEND_MIN_WIDTH = 40, 240  # px under the picture: a colour bar and its values
+
+
+def with_scale(picture, lo: float, hi: float):
+    """The picture with a colour scale under it: the ramp from this image's lowest cell score (left) to its
+    highest (right), labelled with the scores at its ends and middle."""
+    from PIL import Image, ImageDraw
+
+    width = max(picture.width, LEGEND_MIN_WIDTH)
+    out = Image.new("RGB", (width, picture.height + LEGEND_HEIGHT), "white")
+    out.paste(picture, (0, 0))
+    left, right, top = 8, width - 8, picture.height + 6
+    ramp = colormap(np.linspace(0, 1, right - left))[None].repeat(12, axis=0)  # (12, bar width, 3)
+    out.paste(Image.fromarray(ramp), (left, top))
+    draw = ImageDraw.Draw(out)
+    for x, value, anchor in ((left, lo, "la"), ((left + right) // 2, (lo + hi) / 2, "ma"), (right, hi, "ra")):
+        draw.line([(x, top + 12), (x, top + 15)], fill="black")
+        draw.text((x, top + 17), f"{value:.3g}", fill="black", anchor=anchor)
+    return out
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
@@ -279,9 +302,19 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed texts and images")
     p.add_argument("texts", nargs="*", help="texts to embed (or lines on stdin)")
-    p.add_argument("--input", action="append", help="a file of texts: one per line, or .jsonl objects")
+    p.add_argument(
+        "--input",
+        action="append",
+        help="a corpus: .jsonl (a text or an image per line, optional id), .parquet, an image directory, "
+        "or a file of texts, one per line",
+    )
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
-    p.add_argument("--image", action="append", help="image paths, globs or directories")
+    p.add_argument(
+        "--image",
+        nargs="+",
+        action="extend",
+        help="image paths, quoted globs or directories; several may follow one --image (what a shell glob gives)",
+    )
     p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
     p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
@@ -327,9 +360,14 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="rank documents (texts or images) for each query")
     p.add_argument("queries", nargs="+")
     p.add_argument("--doc", action="append", default=[], help="a document text")
-    p.add_argument("--docs-file", action="append", help="a file of document texts (lines or .jsonl)")
+    p.add_argument("--docs-file", action="append", help="documents as embed --input reads them (.jsonl, .parquet, ...)")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--image", action="append", help="document images: paths, globs or directories")
+    p.add_argument(
+        "--image",
+        nargs="+",
+        action="extend",
+        help="document images: paths, quoted globs or directories; several may follow one --image",
+    )
     p.add_argument("--multivector", action="store_true", help="MaxSim of multi-vectors instead of cosine")
     p.add_argument("--top", type=int, default=10)
     model_options(p)
@@ -375,18 +413,36 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def stdout_closed() -> bool:
+    """Whether the reader of stdout has gone (`| head` has exited): polling its pipe then reports an error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll() (Windows), no file descriptor (a test's capture)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(argv).parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        if not stdout_closed():
+            print(f"jina-v4: error: {BrokenPipeError.__name__}: a pipe closed", file=sys.stderr)
+            return 1
+        # `jina-v4 ... | head`: the reader took what it wanted. End quietly with 0, as standard tools do, and point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(
             "jina-v4: interrupted (a run into a directory keeps its whole shards; rerun it to resume)", file=sys.stderr
         )
         return 130
-    except Exception as e:  # one clear line, never a traceback
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jina-v4: error: {message}", file=sys.stderr)
+    except Exception as e:  # the whole message (a hub error says what to do on its later lines), never a traceback
+        print(f"jina-v4: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
         return 1
     return 0
 

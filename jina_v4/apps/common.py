@@ -36,12 +36,18 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def json_line(obj) -> str:
+    """One line of JSON, UTF-8 as it is, but a lone surrogate (a command-line argument that was not UTF-8) as its
+    JSON escape, which UTF-8 cannot hold and any JSON reader decodes."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line, written atomically."""
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.writelines(json_line(r) for r in records)
 
     atomic_write(path, write)
 
@@ -55,11 +61,13 @@ def error_policy(
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
     records = []
-    for r, name, label in zip(results, names, labels):
+    for j, (r, name, label) in enumerate(zip(results, names, labels)):
         if not isinstance(r, Exception):
             records.append(None)
             continue
         reason = getattr(r, "reason", None) or str(r)
+        for local in (f"inputs[{j}] ", f"texts[{j}] ", f"images[{j}] "):  # the position in this call, not the run's
+            reason = reason.replace(local, "the input ", 1) if reason.startswith(local) else reason
         if on_error == "fail":
             raise error(f"{name} ({preview(label, 100)}): {reason}")
         records.append({"input": label, "error": reason})

@@ -1,26 +1,26 @@
 """A corpus embedded on a Ray cluster with Ray Data, behind `jina-v4 embed --ray`.
 
 `Embedder` is the callable class for `Dataset.map_batches`: a pool of actors, each loading one JinaV4 in
-`__init__`, called on batches of rows (an id, and a text or an image: bytes or a path). It returns Arrow:
+`__init__`, called on batches of rows (an id, optionally the global index, and a text or an image: bytes or a
+path). It returns Arrow:
     id         as given (row numbers, strings, ...)
     embedding  single vectors: fixed_size_list<float32>[D]; multi-vectors: list<fixed_size_list<float32>[128]>
                (one 128-d vector per token); null for a row that was skipped
-    skipped    with on_error="skip" only: struct<input, error>, null for a row that was embedded
-`embed_corpus` runs jsonl/parquet files or image directories through an actor pool into parquet files of `id`
-and `embedding` (skipped rows into a report); `read_vectors` loads them. Scheduling, retries, progress: Ray's.
+    skipped    with on_error="skip" only: struct<index, input, error>, null for a row that was embedded
+`embed_corpus` runs a corpus (corpus.py reads it: jsonl, parquet, image directories, text files) through an actor
+pool into parquet files of `id` and `embedding` (skipped rows into a report); `read_vectors` loads them.
+Scheduling, retries, progress: Ray's.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,19 +33,22 @@ from ray.data.block import BlockAccessor
 from ..model import JinaV4
 from ..model.heads import head_for
 from ..model.loading import CONFIG_FILES, read_configs, resolve
-from ..model.processing import checked_text, describe, preview
+from ..model.processing import preview
 from ..pipeline import collect, encode
-from .common import error_policy
-from .jobs import IMAGE_SUFFIXES
+from . import corpus
+from .common import error_policy, write_jsonl
 
 
 class EmbedError(ValueError):
-    """A bad input (under on_error="fail"), file or option: the message names it (an input by its id) and why."""
+    """A bad input (under on_error="fail"), file or option: the message names it (an input by its index and id)
+    and why."""
 
 
 class Embedder:
     """One JinaV4 per actor; called on batches (a pyarrow Table or a dict of arrays) of `id_column` and
-    `text_column` and/or `image_column` (bytes, a path or an http(s) URL); each row holds one of the two."""
+    `text_column` and/or `image_column` (bytes, a path or an http(s) URL); each row holds one of the two. An
+    `index_column` (the global index corpus.py gives each input), when the batches have one, names inputs in
+    messages and reports."""
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class Embedder:
         image_column: str = "image",
         id_column: str = "id",
         deterministic: bool = False,
+        index_column: str = "index",
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} is not 'fail' or 'skip'")
@@ -73,7 +77,7 @@ class Embedder:
         self.dim = truncate_dim or self.model.config.text_config.hidden_size
         self.batch_size, self.deterministic = batch_size, deterministic
         self.multivector, self.text_column, self.image_column = multivector, text_column, image_column
-        self.id_column = id_column
+        self.id_column, self.index_column = id_column, index_column
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
@@ -94,13 +98,18 @@ class Embedder:
         labels = [
             f"<{len(i)} bytes>" if isinstance(i, bytes) else str(i if t is None else t) for t, i in zip(texts, images)
         ]
-        skipped = error_policy(results, [f"id {i!r}" for i in ids], labels, self.on_error, EmbedError)
-        skipped = [None if r is None else {**r, "input": preview(r["input"], 200)} for r in skipped]
+        index = cols.get(self.index_column, none)
+        names = [f"id {i!r}" if k is None else corpus.name(k, i) for k, i in zip(index, ids)]
+        skipped = error_policy(results, names, labels, self.on_error, EmbedError)
+        skipped = [
+            None if r is None else {**r, "index": k, "input": preview(r["input"], 200)} for r, k in zip(skipped, index)
+        ]
         ok = [j for j, s in enumerate(skipped) if s is None]
         vecs = collect([results[j] for j in ok], self.multivector, False, self.dim, self.model.dtype)
         out = {"id": pa.array(ids), "embedding": self.vector_column(vecs, ok, len(ids))}
         if self.on_error == "skip":
-            out["skipped"] = pa.array(skipped, pa.struct([("input", pa.string()), ("error", pa.string())]))
+            record = pa.struct([("index", pa.int64()), ("input", pa.string()), ("error", pa.string())])
+            out["skipped"] = pa.array(skipped, record)
         return pa.table(out)
 
     def vector_column(self, vecs, ok: list[int], n: int) -> pa.Array:
@@ -134,7 +143,10 @@ class VectorSink(ray.data.Datasink):
         if "skipped" in table.column_names:
             bad = table["skipped"].is_valid()
             rows = table.filter(bad)
-            skipped = [{"id": i, **s} for i, s in zip(rows["id"].to_pylist(), rows["skipped"].to_pylist())]
+            skipped = [
+                {"index": s.pop("index"), "id": i, **s}
+                for i, s in zip(rows["id"].to_pylist(), rows["skipped"].to_pylist())
+            ]
             table = table.filter(pc.invert(bad)).drop_columns(["skipped"])
         if table.num_rows:
             path = os.path.join(self.directory, f"part-{ctx.task_idx:05d}.parquet")
@@ -147,99 +159,42 @@ class VectorSink(ray.data.Datasink):
         self.skipped = [r for _, s in result.write_returns for r in s]
 
 
-def read_jsonl(paths: list[Path], fields: tuple[str, str, str], on_error: str) -> tuple[pa.Table, list[dict]]:
-    """JSON-lines files -> (a table of id, text, image; skip records), read on the driver: the default ids, row
-    numbers over the files (blank lines not counted), are fixed before anything is distributed. Image paths are
-    relative to the file. A text or image Arrow cannot hold (not a str, a lone surrogate) is a bad input here."""
-    (id_f, text_f, image_f), cols, skipped, given = fields, {"id": [], "text": [], "image": []}, [], None
-    for path in paths:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EmbedError(f"{path}:{n}: not valid JSON ({e})") from None
-            given = given if given is not None else isinstance(obj, dict) and id_f in obj
-            if not isinstance(obj, dict) or (id_f in obj) != given:
-                raise EmbedError(
-                    f"{path}:{n}: not a JSON object, or the {id_f!r} field is in some lines and not "
-                    "in others (without it, the ids are the row numbers)"
-                )
-            row = {
-                "id": obj[id_f] if given else len(cols["id"]) + len(skipped),
-                "text": obj.get(text_f),
-                "image": obj.get(image_f),
-            }
-            if not isinstance(row["id"], (int, str)) or isinstance(row["id"], bool):
-                raise EmbedError(f"{path}:{n}: the {id_f!r} field is {describe(row['id'])}, not an int or a str")
-            try:
-                for key in [k for k in ("text", "image") if row[k] is not None]:
-                    checked_text(row[key], f"{path}:{n}: {key}")
-            except (TypeError, ValueError) as e:
-                if on_error == "fail":
-                    raise EmbedError(f"id {row['id']!r}: {e}") from None
-                skipped.append({"id": row["id"], "input": describe(obj, 200), "error": str(e)})
-                continue
-            if isinstance(row["image"], str) and not row["image"].startswith(("http://", "https://")):
-                row["image"] = str(path.absolute().parent / row["image"])  # an absolute path stays as it is
-            for key in cols:
-                cols[key].append(row[key])
-    if len(set(cols["id"])) < len(cols["id"]) or len({type(i) for i in cols["id"]}) > 1:
-        raise EmbedError(f"the {id_f!r} fields are not unique, or not all of one type")
-    return pa.table({k: pa.array(v, None if k == "id" else pa.string()) for k, v in cols.items()}), skipped
-
-
-def read_row_group(piece: dict[str, Any], fields: tuple[str, str, str]) -> pa.Table:
-    """One row group of a parquet file (`piece`: path, group, row number of its first row) -> id, text and/or
-    image (bytes, or paths as the workers see them)."""
-    (path, group, first), (id_f, text_f, image_f) = (piece[k][0] for k in ("path", "group", "first")), fields
-    t = pq.ParquetFile(str(path)).read_row_group(int(group))
-    cols = {"id": t[id_f] if id_f in t.column_names else pa.array(np.arange(first, first + t.num_rows))}
-    cols |= {k: t[f] for k, f in (("text", text_f), ("image", image_f)) if f in t.column_names}
-    return pa.table(cols)
-
-
 def read_corpus(
-    inputs: list[str], rows: int, fields: tuple[str, str, str] = ("id", "text", "image"), on_error: str = "fail"
+    inputs: list[str], rows: int, fields: tuple[str, str, str] = corpus.FIELDS, on_error: str = "fail"
 ) -> tuple[ray.data.Dataset, int, list[dict]]:
-    """jsonl files, parquet files or image directories -> (a dataset of id, text and/or image in blocks of about
-    `rows` rows, the number of rows, rows skipped while reading). Images in directories: the ids are paths."""
+    """A corpus (corpus.py) -> (a dataset of index, id, text and/or image in blocks of about `rows` rows, the number
+    of rows, the records of rows skipped while reading). jsonl and text files and image directories are read on
+    the driver (texts and paths: the ids and indices are fixed before anything is distributed; the actors open
+    the images); parquet files are listed from their footers and read a row group per task, so image bytes never
+    pass through the driver."""
     paths = [Path(p) for p in inputs]
-    kinds = {"dir" if p.is_dir() else p.suffix if p.is_file() else "missing" for p in paths}
-    if len(kinds) != 1 or not kinds <= {"dir", ".jsonl", ".parquet"}:
+    if any(p.suffix == ".parquet" for p in paths):
+        if not all(p.suffix == ".parquet" and p.is_file() for p in paths):
+            raise EmbedError(f"{', '.join(inputs)}: parquet files go alone: no other kind of --input beside them")
+        pieces, n, _ = corpus.parquet_pieces(paths, fields)
+        read = lambda batch: corpus.read_row_group({k: v[0] for k, v in batch.items()}, fields)  # noqa: E731
+        ds = ray.data.from_items(pieces).map_batches(read, batch_size=1)
+        return ds.repartition(target_num_rows_per_block=rows), n, []
+    try:
+        found = corpus.read([], inputs, None, fields, on_error)
+    except corpus.CorpusError as e:
+        raise EmbedError(str(e)) from None
+    good = [r for r in found if r.error is None]
+    if len({type(r.id) for r in good}) > 1:
         raise EmbedError(
-            f"{', '.join(inputs)}: --input takes existing .jsonl files, .parquet files or image "
-            "directories, one kind at a time"
+            f"{', '.join(inputs)}: the ids are not all of one type (ints and paths?): a parquet column holds one; "
+            "give every row an id, or embed image directories apart"
         )
-    kind = kinds.pop()
-    if kind == "dir":
-        files = sorted(str(f) for p in paths for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise EmbedError(f"{', '.join(inputs)}: no image files")
-        ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=-(-len(files) // rows))
-        return ds.rename_columns({"path": "id", "bytes": "image"}), len(files), []
-    if kind == ".jsonl":
-        table, skipped = read_jsonl(paths, fields, on_error)
-        blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
-        return ray.data.from_arrow(blocks), table.num_rows + len(skipped), skipped
-    pieces, ids, n, has_id = [], [], 0, fields[0] in pq.ParquetFile(paths[0]).schema_arrow.names
-    for p in paths:
-        file = pq.ParquetFile(p)
-        names = file.schema_arrow.names
-        if not {fields[1], fields[2]} & set(names) or has_id != (fields[0] in names):
-            raise EmbedError(
-                f"{p}: columns {names}: each file needs a {fields[1]!r} or {fields[2]!r} column, "
-                f"and an {fields[0]!r} column if and only if the first file has one"
-            )
-        ids += file.read([fields[0]])[fields[0]].to_pylist() if has_id else []
-        for g in range(file.metadata.num_row_groups):
-            pieces.append({"path": str(p), "group": g, "first": n})
-            n += file.metadata.row_group(g).num_rows
-    if len(set(ids)) < len(ids):
-        raise EmbedError(f"the {fields[0]!r} column is not unique")
-    ds = ray.data.from_items(pieces).map_batches(read_row_group, batch_size=1, fn_kwargs={"fields": fields})
-    return ds.repartition(target_num_rows_per_block=rows), n, []
+    table = pa.table(
+        {
+            "index": pa.array([r.index for r in good], pa.int64()),
+            "id": pa.array([r.id for r in good]),
+            "text": pa.array([r.input.get("text") for r in good], pa.string()),
+            "image": pa.array([r.input.get("image") for r in good], pa.string()),
+        }
+    )
+    blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+    return ray.data.from_arrow(blocks), len(found), [r.record() for r in found if r.error is not None]
 
 
 def check_options(model: str, kw: dict) -> None:
@@ -300,11 +255,11 @@ def embed_corpus(
     if found:  # reference cycles in the failed run hold its actors, and their CPUs, until collected
         gc.collect()
         raise EmbedError(found.group(1))
-    skipped = sorted(skipped + sink.skipped, key=lambda r: r["id"])
+    skipped = sorted(skipped + sink.skipped, key=lambda r: (r["index"] is None, r["index"] or 0, str(r["id"])))
     if sink.rows + len(skipped) != n:  # Ray's retries must neither lose nor repeat a row
         raise EmbedError(f"{n} rows were read but {sink.rows} written and {len(skipped)} skipped")
     if skipped:
-        Path(report or out / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in skipped), "utf-8")
+        write_jsonl(Path(report or out / "skipped.jsonl"), skipped)
     return {"embedded": sink.rows, "skipped": len(skipped), "actors": actors, "seconds": time.perf_counter() - start}
 
 
@@ -326,7 +281,7 @@ def run(args) -> None:
     """`jina-v4 embed --ray [ADDRESS] --input ... -o DIR`, on the options cli.py parses."""
     if args.texts or args.image or not args.input or not args.output or args.format:
         raise EmbedError(
-            "with --ray, give --input files (.jsonl, .parquet) or image directories and -o DIR; "
+            "with --ray, give --input files (.jsonl, .parquet, texts) or image directories and -o DIR; "
             "the output is parquet (no --format)"
         )
     level, started, start = logging.ERROR if args.quiet else logging.INFO, not ray.is_initialized(), time.perf_counter()

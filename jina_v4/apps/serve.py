@@ -493,7 +493,12 @@ def add_parser(sub, tasks: dict | None = None) -> None:
     """The `serve` subcommand's options (called from cli.parser, with the checkpoint's tasks for the help)."""
     d = Limits()
     names = ", ".join(http_tasks(tasks)) if tasks else "retrieval.query, retrieval.passage, text-matching, ..."
-    p = sub.add_parser("serve", help="serve POST /v1/embeddings (Jina and OpenAI formats) with dynamic batching")
+    p = sub.add_parser(
+        "serve",
+        help="serve POST /v1/embeddings (Jina and OpenAI formats) with dynamic batching (the [serve] extra)",
+        description="Serve POST /v1/embeddings (Jina and OpenAI formats) with dynamic batching. Needs the serve "
+        "extra (starlette, uvicorn): pip install 'jina_v4[serve]', or pip install -e '.[serve]' in a clone.",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")

@@ -156,8 +156,25 @@ def resolve(
                 token=token,
             )
         )
-    except Exception as e:  # network, auth, missing revision: one clear line
-        raise FileNotFoundError(f"{name}: cannot fetch from the hub ({type(e).__name__}: {e})") from None
+    except Exception as e:  # network, auth, missing revision: the whole message, and the ways around the hub
+        raise FileNotFoundError(
+            f"{name}: cannot fetch from the hub ({type(e).__name__}: {e})\n{without_hub(cache_dir)}"
+        ) from None
+
+
+def without_hub(cache_dir: str | Path | None) -> str:
+    """What to do when the hub cannot be reached: a local checkpoint, or the hub cache read offline."""
+    from huggingface_hub import constants
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    return (
+        "Without the hub:\n"
+        "  --model DIR (in Python: from_pretrained(DIR)) reads a checkpoint directory in the released layout:\n"
+        "    config files, model*.safetensors, adapters/, tokenizer; `python scripts/synthetic.py DIR` writes a\n"
+        "    small one with random weights, for trying the tools.\n"
+        f"  A model downloaded before is read from the hub cache, {cache} (HF_HOME moves it);\n"
+        "    HF_HUB_OFFLINE=1 reads it from there without asking the hub."
+    )
 
 
 def read_configs(path: Path) -> tuple[JinaV4Config, AdapterConfig]:

@@ -2,6 +2,7 @@
 a run provably mid-way instead of racing it. argv: N MARKER ARGS...: writes MARKER once paused, then sleeps
 until a signal ends it (SIGINT must give the CLI's exit status 130, SIGKILL leaves the shards written)."""
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,4 +24,7 @@ def pausing(path, *rest, **kwargs):
 
 
 jobs.write_vectors = pausing
+# Ctrl-C as at a terminal: a shell's background job (`bash .ci/run &`) starts its children with SIGINT ignored,
+# and Python then leaves it ignored instead of raising KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(args))

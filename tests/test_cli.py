@@ -267,7 +267,7 @@ def test_offline_hub_error_is_whole_and_says_what_to_do(tmp_path):
 def test_output_into_a_closed_pipe_ends_quietly(ckpt):
     """`jina-v4 ... | head`: when the reader has gone, the command stops with status 0 and says nothing. The read
     end is closed before the command starts, so every run meets the closed pipe (no race with a reader)."""
-    for args in (["info", "--layers"], ["embed", *TEXTS]):
+    for args in (["info", "--layers"], ["embed", *TEXTS, "--quiet"]):  # --quiet: no dtype line on stderr
         read, write = os.pipe()
         os.close(read)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

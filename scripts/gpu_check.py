@@ -477,7 +477,7 @@ def environment(args) -> dict:
             env[name] = f"none ({type(e).__name__}: {e})"
     from jina_v4.model import layers
 
-    env["varlen_attn"] = getattr(layers, "varlen_attn", None) is not None  # used on CUDA in bf16 when switched on
+    env["varlen_attn"] = layers.varlen_kernel() is not None  # used on CUDA in bf16 when switched on
     return env
 
 

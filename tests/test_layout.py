@@ -86,3 +86,21 @@ def test_the_checker_sees_imports(tmp_path):
         assert imported("model._layout_sample", sample) >= {"apps.cli", "apps.jobs", "apps.serve", "model.text"}
     finally:
         sample.unlink()
+
+
+def test_loading_a_model_leaves_torch_dynamo_unimported(checkpoints):
+    """A CLI run starts in about a second: neither `import jina_v4` nor building a model on the meta device pulls
+    in torch._dynamo (the varlen kernel is imported on first use, and nn.init is skipped on meta tensors), which
+    costs about a second more at every start. Checked by what is imported, not by a clock."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from jina_v4 import JinaV4; import jina_v4.apps.cli; "
+        f"m = JinaV4.from_pretrained({str(checkpoints['gqa2-sharded'])!r}); "
+        "m.encode_text(['a text'], task='retrieval'); "
+        "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout[:400]

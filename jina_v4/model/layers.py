@@ -8,6 +8,7 @@ shapes) is the execution mode's choice (execution.py); the modules here hold onl
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -17,10 +18,16 @@ from torch import nn
 from ..execution import RowWise, current
 from .positions import Segments
 
-try:  # flash varlen attention (torch >= 2.9); used on CUDA when the mode asks for it
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
+
+@functools.cache
+def varlen_kernel():
+    """torch's flash varlen attention (torch >= 2.9), or None. Imported on first use: its module pulls in
+    torch._dynamo, about a second at every start of a process that never runs on CUDA."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return varlen_attn
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Segments,
     if callable(m.attention):
         return m.attention(q, k, v, seqs, causal)
     if q.is_cuda and not m.deterministic:
-        if m.attention == "varlen" and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        if m.attention == "varlen" and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None:
             return _varlen(q, k, v, seqs, causal)
         if causal:
             return _padded(q, k, v, seqs)
@@ -99,6 +106,7 @@ def _padded(q, k, v, seqs: Segments) -> torch.Tensor:
 def _varlen(q, k, v, seqs: Segments, causal: bool) -> torch.Tensor:
     """`varlen_attn` across its torch versions: causality as `is_causal` or as a (-1, 0) window, GQA as a flag or
     by repeating the key/value heads."""
+    varlen_attn = varlen_kernel()
     params = inspect.signature(varlen_attn).parameters
     kw = {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
     if k.shape[1] != q.shape[1]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..pipeline import EncodeAPI
 from . import lora
@@ -23,6 +24,18 @@ from .loading import choose_dtype, load_checkpoint, read_configs, reference_name
 from .processing import Batch, Processor
 from .text import TextModel
 from .vision import VisionTower
+
+
+class NoInit(TorchFunctionMode):
+    """torch.nn.init's functions do nothing to meta tensors: the checkpoint replaces every value, and their meta
+    versions import torch._dynamo, about a second at the start of every process that loads a model."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
 
 
 class JinaV4(EncodeAPI, nn.Module):
@@ -69,7 +82,7 @@ class JinaV4(EncodeAPI, nn.Module):
     @classmethod
     def on_meta(cls, path: Path) -> JinaV4:
         """The model on the meta device, from a checkpoint directory's two config files (no weights read)."""
-        with torch.device("meta"):
+        with torch.device("meta"), NoInit():
             return cls(*read_configs(path))
 
     @property

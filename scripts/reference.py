@@ -128,19 +128,6 @@ class Reference:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    @torch.no_grad()
-    def hidden(
-        self,
-        input_ids,
-        attention_mask,
-        task: str,
-        pixel_values=None,
-        image_grid_thw=None,
-        output_hidden_states: bool = False,
-    ):
-        """Final-normed hidden states (B, L, D), as the released get_last_hidden_states."""
-        return self.hidden_states(input_ids, attention_mask, task, pixel_values, image_grid_thw, output_hidden_states)
-
     def hidden_states(
         self,
         input_ids,
@@ -150,7 +137,8 @@ class Reference:
         image_grid_thw=None,
         output_hidden_states: bool = False,
     ):
-        """`hidden`, differentiable when grad is enabled."""
+        """Final-normed hidden states (B, L, D), as the released get_last_hidden_states; differentiable when grad
+        is enabled (`hidden` is the same without autograd)."""
         self.peft.set_adapter(task)
         model = self.ref.model
         dev = self.device
@@ -172,6 +160,8 @@ class Reference:
                 output_hidden_states=output_hidden_states,
             )
         return out.hidden_states if output_hidden_states else out.last_hidden_state
+
+    hidden = torch.no_grad()(hidden_states)
 
     def text_batch(self, texts: list[str], task: str, prompt_name: str = "query", max_length: int = 32768):
         prefix = PREFIX["query" if task == "text-matching" else prompt_name]

@@ -106,46 +106,17 @@ def test_skip_and_report(checkpoints, corpus, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (64, 48), (10, 200, 30)).save(good)
-    failed = run(
-        "embed", "a text", "--image", bad, "--image", good, "--model", ckpt, "-o", tmp_path / "x.npy", ok=False
-    )
+    inputs = ["embed", "a text", "--image", bad, "--image", good, "--model", ckpt]
+    failed = run(*inputs, "-o", tmp_path / "x.npy", ok=False)
     assert failed.returncode == 1 and f"input 1 ({bad})" in failed.stderr and "UnidentifiedImageError" in failed.stderr
-    out = run(
-        "embed",
-        "a text",
-        "--image",
-        bad,
-        "--image",
-        good,
-        "--model",
-        ckpt,
-        "-o",
-        tmp_path / "x.jsonl",
-        "--on-error",
-        "skip",
-    )
+    out = run(*inputs, "-o", tmp_path / "x.jsonl", "--on-error", "skip")
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 2] and "1 skipped" in out.stderr
     report = [json.loads(line) for line in (tmp_path / "x.jsonl.skipped.jsonl").read_text().splitlines()]
     assert report == [{"index": 1, "id": 1, "input": str(bad), "error": report[0]["error"]}]
     assert report[0]["error"].startswith("UnidentifiedImageError: cannot identify image file")
     shards = tmp_path / "skip-shards"
-    run(
-        "embed",
-        "a text",
-        "--image",
-        bad,
-        "--image",
-        good,
-        "--model",
-        ckpt,
-        "-o",
-        shards,
-        "--on-error",
-        "skip",
-        "--shard-size",
-        2,
-    )
+    run(*inputs, "-o", shards, "--on-error", "skip", "--shard-size", 2)
     assert read_shards(shards)[0] == [0, 2]
     assert [json.loads(line)["index"] for line in (shards / "skipped.jsonl").read_text().splitlines()] == [1]
 

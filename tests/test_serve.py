@@ -557,8 +557,8 @@ def test_worker_packs_by_settings_budget_and_count(monkeypatch):
     from jina_v4.apps.http_formats import RequestError
     from jina_v4.apps.serve import Job, Worker
 
-    def job(first, n, key=(False, None), task="t"):
-        return Job([Item([first + i], task) for i in range(n)], key, 10 * n)
+    def job(first, n, key=(False, None), task="t"):  # n items of 10 tokens each
+        return Job([Item([first + i] + [0] * 9, task) for i in range(n)], key, 10 * n)
 
     model = StubEncode()
     monkeypatch.setattr(jina_v4.apps.serve, "encode", model)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -28,8 +29,8 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future
+from collections import Counter
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from ..model.heads import head_for
+from ..model.processing import token_batches
 from ..pipeline import encode
 from .common import DEFAULT_MODEL, loaded_model
 from .http_formats import ALIAS, Limits, RequestError, answer, has_urls, http_tasks, parse, prepare
@@ -44,24 +46,42 @@ from .url_fetch import Fetcher
 
 log = logging.getLogger("jina_v4.serve")
 SHUTTING_DOWN = "the server is shutting down; send the request again to a running one"
+WORKER_DEAD = "the model worker has stopped (the server's log says why); the server needs a restart"
 LARGE_BODY = 2**20  # bodies above this parse and prepare in the "large" lane
 RETRY_AFTER = 1  # seconds, in the Retry-After of a 503 for a full budget or queue
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a generated __eq__ would compare Items field by field, tensors too
 class Job:
+    """One request's work for the model worker: its Items (or (item, chunk groups) for late chunking), the settings
+    that decide whom it may share a model call with, and its cost (tokens + image patches). The worker cuts it into
+    steps of at most --max-batch-tokens and keeps its progress here."""
+
     work: Any  # a list of Items, or (item, chunk groups) for late chunking
     key: tuple  # (multivector, dimensions): only jobs with equal keys share an encode call
     cost: int  # tokens + image patches
     future: Future = field(default_factory=Future)
+    gone: bool = False  # its client hung up: the worker drops it before its next step
+    steps: list = field(default_factory=list)  # item indices of each step still to run, longest items first
+    vectors: list = field(default_factory=list)  # the results so far, in input order
+    served: int = 0  # tokens + patches computed so far: who goes next is decided by it
+    seconds: float = 0.0  # model time used (a shared step's time split by cost), bounded by --max-request-seconds
+    started: bool = False  # its future is marked running: a cancel no longer reaches it, `gone` does
+    order: int = 0  # arrival
 
 
 class Worker:
-    """The one thread that calls the model. It takes the oldest waiting job, adds the later waiting jobs of the
-    same key while the total cost stays within `max_tokens` and the count within `max_requests`, runs one
-    `pipeline.encode` over all their items and hands each job its own slice. A late-chunking job runs alone.
-    A job's future is marked running when taken: a request cancelled before that is dropped, one cancelled after
-    still gets its result set (never an InvalidStateError that would end the thread)."""
+    """The one thread that calls the model, in steps of at most `max_tokens` (tokens + patches). A job is cut into
+    steps as it arrives (processing.token_batches: longest items first, as the offline API batches them). Each step
+    takes the next step of the waiting job that has been served least so far (earliest arrival on a tie), then the
+    next steps of other jobs with the same key while the total stays within `max_tokens` and the jobs within
+    `max_requests`, and runs one `pipeline.encode` over their items. So a request that arrives while a long one runs
+    waits for about one step, not for the long one's whole run; a late-chunking job is one step, alone.
+
+    A job whose client hung up is dropped before its next step; one that has used `max_seconds` of model time is
+    failed with a 504 between steps. Whatever a model call raises (any BaseException) fails only the requests of
+    that step (a packed step is rerun job by job, so a bad job fails only itself) and the worker goes on. If the
+    thread itself ever ends, `dead` says why: every waiting job and every new one gets a 503 at once."""
 
     def __init__(
         self,
@@ -70,19 +90,31 @@ class Worker:
         max_requests: int = 64,
         max_tokens: int | None = None,
         max_queued: int = 1024,
+        max_seconds: float | None = None,
     ):
         self.model, self.deterministic, self.max_requests = model, deterministic, max_requests
         self.dims = model.config.matryoshka_dims
         self.max_tokens, self.max_queued = max_tokens or model.max_batch_tokens, max_queued
-        self.pending: deque[Job] = deque()
+        self.max_seconds = max_seconds
+        self.pending: list[Job] = []  # jobs with steps still to take, in arrival order
+        self.step: list[tuple[Job, list[int]]] = []  # in the model now
+        self.since = 0.0  # when the step in the model began (time.monotonic)
         self.cond = threading.Condition()
         self.closed = self.draining = False
-        self.calls = self.requests = 0  # model calls made, requests answered
+        self.dead: str | None = None  # why the thread ended
+        self.arrivals = itertools.count()
+        self.calls = self.requests = self.dropped = self.failed = 0  # model calls; requests answered, dropped, failed
         self.thread = threading.Thread(target=self.loop, name="jina-v4-model", daemon=True)
         self.thread.start()
 
+    def check(self) -> None:
+        """A 503 at once when the worker has stopped: a request is refused before it costs anything."""
+        if self.dead is not None:
+            raise RequestError(503, WORKER_DEAD)
+
     def submit(self, job: Job) -> Future:
         with self.cond:
+            self.check()
             if self.closed or self.draining:
                 raise RequestError(503, SHUTTING_DOWN)
             if len(self.pending) >= self.max_queued:
@@ -91,67 +123,156 @@ class Worker:
                     f"{len(self.pending)} requests are waiting already (--max-queued); retry later",
                     headers={"Retry-After": str(RETRY_AFTER)},
                 )
-            self.pending.append(job)
-            self.cond.notify()
+            job.order = next(self.arrivals)
+            if isinstance(job.work, list):
+                job.steps, job.vectors = token_batches(job.work, self.max_tokens), [None] * len(job.work)
+            else:
+                job.steps = [[0]]
+            if job.steps:
+                self.pending.append(job)
+                self.cond.notify()
+            else:
+                job.future.set_result([])
         return job.future
 
-    def take(self) -> list[Job]:
+    def step_cost(self, job: Job, index: list[int]) -> int:
+        return sum(job.work[i].cost for i in index) if isinstance(job.work, list) else job.cost
+
+    def take(self) -> list[tuple[Job, list[int]]]:
+        """The next step: (job, item indices) pairs; [] when closed and nothing waits."""
         with self.cond:
             while True:
-                while not self.pending and not self.closed:
-                    self.cond.wait()
-                if not self.pending:
-                    return []
-                first = self.pending.popleft()
-                if first.future.set_running_or_notify_cancel():  # False: its request is gone
+                for job in self.pending:
+                    if job.gone or (not job.started and job.future.cancelled()):
+                        job.steps = []
+                        self.dropped += 1
+                self.pending = [job for job in self.pending if job.steps]
+                if self.pending or self.closed:
                     break
-            group, used = [first], first.cost
-            for job in list(self.pending) if isinstance(first.work, list) else []:
-                if len(group) == self.max_requests:
+                self.cond.wait()
+            step, used = [], 0
+            for job in sorted(self.pending, key=lambda j: (j.served, j.order)):
+                if len(step) == self.max_requests or (step and not isinstance(step[0][0].work, list)):
                     break
-                if isinstance(job.work, list) and job.key == first.key and used + job.cost <= self.max_tokens:
-                    self.pending.remove(job)
-                    if job.future.set_running_or_notify_cancel():
-                        group.append(job)
-                        used += job.cost
-            return group
+                cost = self.step_cost(job, job.steps[0])
+                if step and not (isinstance(job.work, list) and job.key == step[0][0].key):
+                    continue
+                if step and used + cost > self.max_tokens:
+                    continue
+                if not job.started:
+                    if not job.future.set_running_or_notify_cancel():  # its request is gone
+                        job.steps = []
+                        self.dropped += 1
+                        continue
+                    job.started = True
+                step.append((job, job.steps.pop(0)))
+                used += cost
+            self.pending = [job for job in self.pending if job.steps]
+            self.step, self.since = step, time.monotonic()
+            return step
 
     def loop(self) -> None:
-        while group := self.take():
-            self.run(group)
-
-    def run(self, group: list[Job]) -> None:
         try:
-            results = self.encode(group)
-        except Exception as e:
-            if len(group) > 1:  # one job's failure never fails its batch-mates
-                for job in group:
-                    self.run([job])
-            else:
-                group[0].future.set_exception(e)
-            return
-        self.requests += len(group)
-        for job, result in zip(group, results):
-            job.future.set_result(result)
+            while True:
+                step = self.take()
+                if not step:
+                    if self.closed:
+                        return
+                    continue  # every job it looked at had been cancelled
+                self.run(step)
+                with self.cond:
+                    self.step = []
+        except BaseException as e:  # a fault of the worker's own: say so, and fail what waits instead of hanging
+            log.critical("the model worker stopped", exc_info=True)
+            with self.cond:
+                self.dead = type(e).__name__
+                jobs, self.pending, self.step = self.pending + [job for job, _ in self.step], [], []
+            for job in jobs:
+                settle(job, error=RequestError(503, WORKER_DEAD))
 
-    def encode(self, group: list[Job]) -> list[list]:
+    def run(self, step: list[tuple[Job, list[int]]]) -> None:
+        start = time.monotonic()
+        try:
+            results = self.encode(step)
+        except BaseException as e:  # the model's failure fails its requests, never the worker
+            if len(step) > 1:  # one job's failure never fails its step-mates
+                for part in step:
+                    self.run([part])
+                return
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit, ...: never raised into the event loop
+                log.error("a model call raised %s", type(e).__name__, exc_info=True)
+                e = RuntimeError(f"the model call raised {type(e).__name__}")
+            self.finish(step[0][0], error=e)
+            return
+        elapsed, costs = time.monotonic() - start, [self.step_cost(job, index) for job, index in step]
+        for (job, index), cost, vectors in zip(step, costs, results):
+            job.served += cost
+            job.seconds += elapsed * cost / max(1, sum(costs))
+            if isinstance(job.work, list):
+                for i, v in zip(index, vectors):
+                    job.vectors[i] = v
+            else:
+                job.vectors = vectors
+            if not job.steps:
+                self.finish(job, job.vectors)
+            elif self.max_seconds is not None and job.seconds >= self.max_seconds:
+                self.finish(
+                    job,
+                    error=RequestError(
+                        504,
+                        f"the request used its {self.max_seconds:g} s of model time with "
+                        f"{sum(len(s) for s in job.steps)} of its inputs still to encode (--max-request-seconds); "
+                        "send fewer or shorter inputs",
+                    ),
+                )
+
+    def finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        with self.cond:
+            job.steps = []
+            if job in self.pending:
+                self.pending.remove(job)  # by identity (eq=False)
+        if settle(job, result, error):
+            if error is None:
+                self.requests += 1
+            else:
+                self.failed += 1
+        job.work = job.vectors = None  # the items' memory goes with the answer, not with the request's end
+
+    def encode(self, step: list[tuple[Job, list[int]]]) -> list[list]:
         from .chunking import ChunkPooling
 
         self.calls += 1
-        multivector, dimensions = group[0].key
-        if isinstance(group[0].work, list):
-            items, head = [it for job in group for it in job.work], head_for(multivector, dimensions, self.dims)
+        first = step[0][0]
+        multivector, dimensions = first.key
+        if isinstance(first.work, list):
+            items = [job.work[i] for job, index in step for i in index]
+            head = head_for(multivector, dimensions, self.dims)
         else:
-            items, head = [group[0].work[0]], ChunkPooling(group[0].work[1], dimensions)
+            items, head = [first.work[0]], ChunkPooling(first.work[1], dimensions)
         with torch.inference_mode():
             out = encode(self.model, items, head, deterministic=self.deterministic)
-        vecs = [v.cpu().numpy() for v in (out if isinstance(group[0].work, list) else out[0])]
+        vecs = [v.cpu().numpy() for v in (out if isinstance(first.work, list) else out[0])]
         results, start = [], 0
-        for job in group:
-            n = len(job.work) if isinstance(job.work, list) else len(vecs)
+        for _, index in step:
+            n = len(index) if isinstance(first.work, list) else len(vecs)
             results.append(vecs[start : start + n])
             start += n
         return results
+
+    def status(self) -> dict:
+        """For /health: idle, busy (for how long, holding what) or dead."""
+        with self.cond:
+            if self.dead is not None:
+                return {"state": "dead", "error": self.dead}
+            if not self.step:
+                return {"state": "idle"}
+            return {
+                "state": "busy",
+                "seconds": round(time.monotonic() - self.since, 3),
+                "requests": len(self.step),
+                "inputs": sum(len(index) for _, index in self.step),
+                "tokens": sum(self.step_cost(job, index) for job, index in self.step if job.work is not None),
+            }
 
     def drain(self) -> None:
         """Shutting down: new jobs are refused; the queued ones still run."""
@@ -159,19 +280,34 @@ class Worker:
             self.draining = True
 
     def abort(self) -> None:
-        """Answer every queued job that has not started with a 503 (the graceful time is running out)."""
+        """The graceful time is running out: every job not answered yet, queued or in the model, gets a 503 now; the
+        step in the model runs to its end and its results are dropped."""
         with self.cond:
-            jobs, self.pending = list(self.pending), deque()
+            jobs, self.pending = self.pending + [job for job, _ in self.step], []
+            for job in jobs:
+                job.steps = []
         for job in jobs:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RequestError(503, SHUTTING_DOWN))
+            settle(job, error=RequestError(503, SHUTTING_DOWN))
 
-    def close(self) -> None:
-        """Answer what is queued, then stop."""
+    def close(self, timeout: float | None = None) -> None:
+        """Answer what is queued, then stop; wait for that at most `timeout` seconds (the thread is a daemon: a
+        model call still running then never holds the process)."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        self.thread.join()
+        self.thread.join(timeout)
+
+
+def settle(job: Job, result: Any = None, error: BaseException | None = None) -> bool:
+    """Give a job's future its result or error; False if it had one already (aborted) or was cancelled."""
+    try:
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
+    except InvalidStateError:
+        return False
+    return True
 
 
 class Budget:
@@ -231,6 +367,7 @@ def create_app(
     prepare_threads: int = 4,
     max_pending_tokens: int = 1_048_576,
     max_pending_pixels: int = 200_000_000,
+    max_request_seconds: float | None = 60.0,
 ):
     """The ASGI app serving `model` under `name` (its public form: public_name) and "jina-embeddings-v4"; its
     worker starts now and stops when the app's lifespan ends, after the requests in flight are answered.
@@ -245,7 +382,7 @@ def create_app(
     names = list(dict.fromkeys([ALIAS, public_name(name)]))
     # Deterministic: requests are packed as usual, and each answer is the offline API's on the same inputs
     # bit for bit, whatever shared its model call (execution.py).
-    worker = Worker(model, deterministic, max_batch_requests, max_batch_tokens, max_queued)
+    worker = Worker(model, deterministic, max_batch_requests, max_batch_tokens, max_queued, max_request_seconds)
     budget = Budget(max_pending_tokens, max_pending_pixels)
     fetcher = Fetcher(limits.max_body_bytes, limits.url_timeout, limits.allow_private_urls, limits.max_redirects)
     # Threads that parse, prepare and answer: each lane bounds its own memory, and small requests never wait
@@ -255,7 +392,7 @@ def create_app(
         "large": anyio.CapacityLimiter(max(1, prepare_threads // 2)),
         "urls": anyio.CapacityLimiter(prepare_threads),
     }
-    state = {"received": 0, "in_flight": 0, "draining": False}
+    state = {"received": 0, "in_flight": 0, "draining": False, "graceful": None}
     tasks = http_tasks(model.tasks)
     if task not in tasks:
         raise ValueError(f"task={task!r}: the checkpoint's tasks are {list(tasks)}")
@@ -313,6 +450,7 @@ def create_app(
         try:
             check_key(request)
             check_type(request)
+            worker.check()
             body = await read_body(request)
             lane = lanes["large" if len(body) > LARGE_BODY else "small"]
             req = await anyio.to_thread.run_sync(read_request, body, limiter=lane)
@@ -328,8 +466,9 @@ def create_app(
                 prepare, req, model, limits, tasks, fetch, reserve, limiter=lane
             )
             cost = sum(it.cost for it in work) if isinstance(work, list) else tokens
-            vectors = await asyncio.wrap_future(worker.submit(Job(work, (req.multivector, req.dimensions), cost)))
+            job = Job(work, (req.multivector, req.dimensions), cost)
             del work
+            vectors = await outcome(request, job)
             body = await anyio.to_thread.run_sync(
                 lambda: json.dumps(answer(req, vectors, tokens)).encode(), limiter=lane
             )
@@ -347,18 +486,45 @@ def create_app(
             budget.give(held)
             state["in_flight"] -= 1
 
+    async def outcome(request, job: Job) -> list:
+        """The job's vectors. starlette does not cancel a handler whose client hangs up, so the handler watches for
+        the disconnect while it waits: the job is marked gone and the worker drops it before its next step."""
+        waiting = asyncio.wrap_future(worker.submit(job))
+        hangup = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait((waiting, hangup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            answered = waiting.done()
+            if not answered:  # the client left, or uvicorn cancelled the handler
+                job.gone = True
+                waiting.cancel()
+        if not answered:
+            raise RequestError(499, "the client closed the connection")  # no one reads it
+        return waiting.result()
+
+    async def disconnected(request) -> None:
+        # the body is read: the next message is uvicorn's http.disconnect, when the client closes the connection
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.1)
+
     async def health(request):
+        work = worker.status()
         return JSONResponse(
             {
-                "status": "draining" if state["draining"] else "ok",
+                "status": "dead" if work["state"] == "dead" else "draining" if state["draining"] else "ok",
                 "model": names[-1],
+                "worker": work,
                 **{k: state[k] for k in ("received", "in_flight")},
                 "queued": len(worker.pending),
                 "model_calls": worker.calls,
                 "requests": worker.requests,
+                "dropped": worker.dropped,
+                "failed": worker.failed,
                 "pending_tokens": budget.used["tokens"],
                 "pending_pixels": budget.used["pixels"],
-            }
+            },
+            503 if work["state"] == "dead" else 200,
         )
 
     async def models(request):
@@ -377,9 +543,10 @@ def create_app(
         return refuse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
     def drain(graceful_timeout: float | None) -> None:
-        """The server stops accepting: new requests get a 503, URL fetches end, the queue runs on; queued jobs
-        not started a second before the graceful time ends get a JSON 503 (uvicorn then cancels the rest)."""
-        state["draining"] = True
+        """The server stops accepting: new requests get a 503, URL fetches end, the queue runs on; a second before
+        the graceful time ends, every job not answered yet, queued or in the model, gets a JSON 503 (uvicorn then
+        cancels whatever handler is left, which answers a JSON 503 too)."""
+        state["draining"], state["graceful"] = True, graceful_timeout
         worker.drain()
         fetcher.close()
         if graceful_timeout is not None:
@@ -390,7 +557,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await anyio.to_thread.run_sync(worker.close)
+        # after a graceful time every job has its answer: a model call still running ends with the process, since
+        # the worker's thread is a daemon (without one, the queue runs to its end first)
+        await anyio.to_thread.run_sync(worker.close, 1.0 if state["graceful"] is not None else None)
 
     app = Starlette(
         routes=[
@@ -418,6 +587,7 @@ def make_server(
     limit: a client could hold a connection forever sending a byte at a time), an idle kept-alive connection
     closes after keep_alive_timeout, and a shutdown first calls app.state.drain."""
     import uvicorn
+    from uvicorn.protocols.http.flow_control import CLOSE_HEADER
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
@@ -452,10 +622,24 @@ def make_server(
             if not self.transport.is_closing():
                 self.transport.close()
 
+        def shutdown(self) -> None:
+            # uvicorn closes a connection after the answer in flight at shutdown without saying so in the answer, and
+            # a kept-alive client then sends its next request into a closed socket: "Connection: close" tells it
+            # (uvicorn adds the header to the answer when the request's headers hold it).
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and CLOSE_HEADER not in cycle.scope["headers"]:
+                cycle.scope["headers"].append(CLOSE_HEADER)
+            super().shutdown()
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
             app.state.drain(graceful_timeout)
             await super().shutdown(sockets)
+            # past the graceful time uvicorn cancels the handlers left and goes on: let their JSON 503s go out and
+            # their connections close before the event loop ends (a bounded wait: each answers at once)
+            deadline = time.monotonic() + 2.0
+            while (self.server_state.tasks or self.server_state.connections) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
 
     config = uvicorn.Config(
         app,
@@ -571,6 +755,12 @@ def add_parser(sub, tasks: dict | None = None) -> None:
     p.add_argument("--max-batch-tokens", type=positive, help="token budget of one packed call (default 16384)")
     p.add_argument("--max-queued", type=positive, default=1024, help="waiting requests before 503 (default 1024)")
     p.add_argument(
+        "--max-request-seconds",
+        type=seconds,
+        default=60.0,
+        help="model time one request may use; beyond, it is stopped between batches with a 504 (default 60)",
+    )
+    p.add_argument(
         "--graceful-timeout",
         type=seconds,
         default=30.0,
@@ -643,6 +833,7 @@ def run(args) -> None:
         args.max_queued,
         max_pending_tokens=args.max_pending_tokens,
         max_pending_pixels=args.max_pending_pixels,
+        max_request_seconds=args.max_request_seconds,
     )
     family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.create_server((args.host, args.port), family=family)
@@ -661,3 +852,10 @@ def run(args) -> None:
         signal.signal(sig, lambda *_: None)
     server = make_server(app, args.graceful_timeout, args.header_timeout, args.keep_alive_timeout, args.log_level)
     server.run(sockets=[sock])
+    # The server has finished. Threads still busy must not keep the process past its graceful time: the model
+    # worker inside a long call is a daemon, but anyio's threads (parsing, preparing, answering requests no one
+    # waits for now) are not, and Python would wait for them at exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,6 +6,7 @@ throughput with dynamic batching against one request at a time; SIGTERM answers 
 
 import base64
 import functools
+import http.client
 import http.server
 import json
 import os
@@ -255,3 +256,99 @@ def test_an_api_key_on_the_command_line_leaves_it(checkpoints, tmp_path):
     assert "visible to other users" not in log and "s3cret" not in log
     assert log.splitlines()[0] == "jina-v4: float32 on cpu (the checkpoint's dtype)"  # the dtype line, once
     assert log.count("jina-v4: float32 on cpu") == 1
+
+
+def wait_busy(url, deadline_s=120):
+    """Until /health shows the worker inside a model call; -> that /health."""
+    deadline = time.time() + deadline_s
+    while True:
+        health = call(url + "/health")[1]
+        if health["worker"]["state"] == "busy":
+            return health
+        assert time.time() < deadline, health
+        time.sleep(0.01)
+
+
+def test_sigterm_during_a_long_model_call_exits_within_the_graceful_time(checkpoints, tmp_path):
+    """A 32,768-token text is one model step of about 50 s here. SIGTERM with --graceful-timeout 3: its client and a
+    kept-alive client queued behind it get a JSON 503 (with "Connection: close", so the kept-alive client opens a
+    new connection next time, and is refused, instead of writing into a closed one), and the process exits 0 within
+    the graceful time plus 5 s, the model call still running."""
+    proc, url = start(checkpoints[CKPT], tmp_path / "e.log", "--graceful-timeout", 3, "--max-length", 32768)
+    port = int(url.rsplit(":", 1)[1])
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+
+    def post(body):
+        kept.request("POST", "/v1/embeddings", json.dumps(body), headers)
+        r = kept.getresponse()
+        return r.status, r.getheader("connection"), json.loads(r.read())
+
+    try:
+        assert post({"input": ["before"]})[:2] == (200, None)  # a kept-alive connection
+        long = [None]
+        sender = threading.Thread(
+            target=lambda: long.__setitem__(0, call(url + "/v1/embeddings", {"input": ["word " * 8000]}, timeout=120))
+        )
+        sender.start()
+        assert wait_busy(url)["worker"]["tokens"] >= 32768
+        queued = [None]
+        waiter = threading.Thread(target=lambda: queued.__setitem__(0, post({"input": ["queued behind"]})))
+        waiter.start()
+        deadline = time.time() + 60
+        while call(url + "/health")[1]["queued"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(3 + 5) == 0
+        took = time.monotonic() - t0
+        sender.join(30)
+        waiter.join(30)
+        print(f"SIGTERM -> exit: {took:.1f} s with --graceful-timeout 3 and a model call of about 50 s in flight")
+        status, connection, out = queued[0]
+        assert status == 503 and connection == "close" and "shutting down" in out["error"]["message"], queued
+        assert long[0][0] == 503 and "shutting down" in long[0][1]["error"]["message"], long
+        with pytest.raises(ConnectionRefusedError):  # a new connection, to a closed port: no broken pipe
+            post({"input": ["after"]})
+    finally:
+        kept.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_one(checkpoints, tmp_path):
+    """--max-batch-tokens 2048: a request of 8 texts of about 2,000 tokens runs in 8 steps; short requests sent while
+    it runs are answered within about one step, each, and the first before the long one (it has 7 steps of margin)."""
+    proc, url = start(checkpoints[CKPT], tmp_path / "f.log", "--max-batch-tokens", 2048)
+    long_body = {"input": [f"text {i} " + "word " * 400 for i in range(8)]}
+    try:
+        t0 = time.perf_counter()
+        call(url + "/v1/embeddings", {"input": ["word " * 400]})
+        one_step = time.perf_counter() - t0  # about one step: one text of the long request
+        done = {}
+
+        def send_long():
+            call(url + "/v1/embeddings", long_body, timeout=120)
+            done["long"] = time.perf_counter()
+
+        sender = threading.Thread(target=send_long)
+        started = time.perf_counter()
+        sender.start()
+        wait_busy(url)
+        waits = []
+        while "long" not in done and len(waits) < 40:
+            t = time.perf_counter()
+            assert call(url + "/v1/embeddings", {"input": ["a short query"]})[0] == 200
+            waits.append(time.perf_counter() - t)
+            done.setdefault("short", time.perf_counter())
+        sender.join(120)
+        assert done["short"] < done["long"], "the first short request should finish before the long one"
+        print(
+            f"long request {done['long'] - started:.2f} s in 8 steps of about {one_step * 1000:.0f} ms; "
+            f"{len(waits)} short requests meanwhile: median {sorted(waits)[len(waits) // 2] * 1000:.0f} ms, "
+            f"worst {max(waits) * 1000:.0f} ms"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -74,9 +74,10 @@ class Worker:
     """The one thread that calls the model, in steps of at most `max_tokens` (tokens + patches). A job is cut into
     steps as it arrives (processing.token_batches: longest items first, as the offline API batches them). Each step
     takes the next step of the waiting job that has been served least so far (earliest arrival on a tie), then the
-    next steps of other jobs with the same key while the total stays within `max_tokens` and the jobs within
-    `max_requests`, and runs one `pipeline.encode` over their items. So a request that arrives while a long one runs
-    waits for about one step, not for the long one's whole run; a late-chunking job is one step, alone.
+    next steps of other jobs with the same key, served no more than it, while the total stays within `max_tokens`
+    and the jobs within `max_requests`, and runs one `pipeline.encode` over their items. So a request that arrives
+    while a long one runs waits for the step in the model and then its own step (which holds only requests as new
+    as it), not for the long one's whole run; a late-chunking job is one step, alone.
 
     A job whose client hung up is dropped before its next step; one that has used `max_seconds` of model time is
     failed with a 504 between steps. Whatever a model call raises (any BaseException) fails only the requests of
@@ -157,6 +158,8 @@ class Worker:
                 cost = self.step_cost(job, job.steps[0])
                 if step and not (isinstance(job.work, list) and job.key == step[0][0].key):
                     continue
+                if step and job.served > step[0][0].served:  # a job under way never joins newer ones: its steps fill
+                    continue  # a call alone, and would double their wait
                 if step and used + cost > self.max_tokens:
                     continue
                 if not job.started:

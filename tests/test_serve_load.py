@@ -232,7 +232,7 @@ def test_sigterm_answers_the_requests_in_flight(checkpoints, models, batch_tol, 
             proc.kill()
     model = models(CKPT)
     for body, (status, out) in zip(bodies, results):
-        assert status == 200
+        assert status == 200, out
         assert torch.allclose(torch.stack(floats(out)), offline(model, body), atol=batch_tol(CKPT), rtol=0)
     with pytest.raises(OSError):  # the port is closed
         call(url + "/health", timeout=5)

@@ -101,7 +101,7 @@ class Worker:
         self.step: list[tuple[Job, list[int]]] = []  # in the model now
         self.since = 0.0  # when the step in the model began (time.monotonic)
         self.cond = threading.Condition()
-        self.closed = self.draining = False
+        self.closed = self.aborted = False
         self.dead: str | None = None  # why the thread ended
         self.arrivals = itertools.count()
         self.calls = self.requests = self.dropped = self.failed = 0  # model calls; requests answered, dropped, failed
@@ -116,7 +116,7 @@ class Worker:
     def submit(self, job: Job) -> Future:
         with self.cond:
             self.check()
-            if self.closed or self.draining:
+            if self.closed or self.aborted:
                 raise RequestError(503, SHUTTING_DOWN)
             if len(self.pending) >= self.max_queued:
                 raise RequestError(
@@ -277,15 +277,11 @@ class Worker:
                 "tokens": sum(self.step_cost(job, index) for job, index in self.step if job.work is not None),
             }
 
-    def drain(self) -> None:
-        """Shutting down: new jobs are refused; the queued ones still run."""
-        with self.cond:
-            self.draining = True
-
     def abort(self) -> None:
         """The graceful time is running out: every job not answered yet, queued or in the model, gets a 503 now; the
         step in the model runs to its end and its results are dropped."""
         with self.cond:
+            self.aborted = True
             jobs, self.pending = self.pending + [job for job, _ in self.step], []
             for job in jobs:
                 job.steps = []
@@ -454,6 +450,8 @@ def create_app(
             check_key(request)
             check_type(request)
             worker.check()
+            if state["draining"]:  # a request that came before still goes to the worker, until the abort
+                raise RequestError(503, SHUTTING_DOWN)
             body = await read_body(request)
             lane = lanes["large" if len(body) > LARGE_BODY else "small"]
             req = await anyio.to_thread.run_sync(read_request, body, limiter=lane)
@@ -550,7 +548,6 @@ def create_app(
         the graceful time ends, every job not answered yet, queued or in the model, gets a JSON 503 (uvicorn then
         cancels whatever handler is left, which answers a JSON 503 too)."""
         state["draining"], state["graceful"] = True, graceful_timeout
-        worker.drain()
         fetcher.close()
         if graceful_timeout is not None:
             timer = threading.Timer(graceful_timeout - min(1.0, graceful_timeout / 2), worker.abort)

@@ -1,10 +1,11 @@
 """`jina-v4 serve`: the embeddings HTTP API on starlette + uvicorn.
 
 `POST /v1/embeddings` (Jina's and OpenAI's request formats, http_formats.py), `GET /health`, `GET /v1/models`.
-Dynamic batching: one worker thread owns the model (it is not re-entrant); the requests waiting for it are packed
-into shared `encode_items` calls (same `return_multivector` and `dimensions`; tasks may differ, each item carries
-its own) under a token budget, and the results are split back per request. starlette and uvicorn are imported
-only when the server starts, so the rest of the CLI runs without the `serve` extra.
+Dynamic batching: one worker thread owns the model (it is not re-entrant) and runs it in steps of
+--max-batch-tokens, the least served request first; the requests waiting for it are packed into shared calls
+(same `return_multivector` and `dimensions`; tasks may differ, each item carries its own), and the results are
+split back per request. starlette and uvicorn are imported only when the server starts, so the rest of the CLI
+runs without the `serve` extra.
 
 Every cost a request can cause is bounded (NOTES.md, "Serving"): headers and body arrive within their timeouts
 and the body within --max-body-bytes; JSON parsing, tokenizing, image decoding and answer encoding run off the
@@ -99,7 +100,7 @@ class Worker:
         self.max_seconds = max_seconds
         self.pending: list[Job] = []  # jobs with steps still to take, in arrival order
         self.step: list[tuple[Job, list[int]]] = []  # in the model now
-        self.since = 0.0  # when the step in the model began (time.monotonic)
+        self.since, self.step_tokens = 0.0, 0  # when the step in the model began (time.monotonic), its cost
         self.cond = threading.Condition()
         self.closed = self.aborted = False
         self.dead: str | None = None  # why the thread ended
@@ -171,7 +172,7 @@ class Worker:
                 step.append((job, job.steps.pop(0)))
                 used += cost
             self.pending = [job for job in self.pending if job.steps]
-            self.step, self.since = step, time.monotonic()
+            self.step, self.since, self.step_tokens = step, time.monotonic(), used
             return step
 
     def loop(self) -> None:
@@ -274,7 +275,7 @@ class Worker:
                 "seconds": round(time.monotonic() - self.since, 3),
                 "requests": len(self.step),
                 "inputs": sum(len(index) for _, index in self.step),
-                "tokens": sum(self.step_cost(job, index) for job, index in self.step if job.work is not None),
+                "tokens": self.step_tokens,
             }
 
     def abort(self) -> None:
@@ -496,6 +497,8 @@ def create_app(
             await asyncio.wait((waiting, hangup), return_when=asyncio.FIRST_COMPLETED)
         finally:
             hangup.cancel()
+            if hangup.done() and not hangup.cancelled():
+                hangup.exception()  # retrieved: a receive() that failed counts as the client gone, logged by no one
             answered = waiting.done()
             if not answered:  # the client left, or uvicorn cancelled the handler
                 job.gone = True

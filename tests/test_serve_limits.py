@@ -601,7 +601,13 @@ def test_the_key_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("--header-timeout", "0"), ("--url-timeout", "inf"), ("--body-timeout", "-3"), ("--max-redirects", "-1")],
+    [
+        ("--header-timeout", "0"),
+        ("--url-timeout", "inf"),
+        ("--body-timeout", "-3"),
+        ("--max-redirects", "-1"),
+        ("--max-answer-bytes", "0"),
+    ],
 )
 def test_bad_limits_are_refused_by_the_parser(flag, value, capsys):
     from jina_v4.apps.cli import parser

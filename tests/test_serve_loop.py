@@ -5,6 +5,7 @@ runs; then a real server, polled on /health every 50 ms from another connection 
 multi-vector request, refuses a 24 MB body of empty lists (and gives its memory back) and cuts an 8 MB text."""
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -133,6 +134,42 @@ def test_an_answer_over_the_limit_is_refused_before_the_model_runs(model):
         assert s.app.state.worker.calls == calls
         assert call(s.url + "/v1/embeddings", {**body, "embedding_type": "base64"})[0] == 200
         assert call(s.url + "/v1/embeddings", {"input": ["a few words of text"] * 20})[0] == 200
+    finally:
+        s.stop()
+
+
+def held_tokens(server):
+    return call(server.url + "/health")[1]["pending_tokens"]
+
+
+def test_a_streamed_answer_holds_its_budget_until_sent_or_abandoned(model):
+    """An answer over 1 MiB is streamed (no Content-Length); its tokens go back to the budget once it is sent, and
+    once its client, which stopped reading after the first bytes of a 12 MB answer, closes the connection."""
+    s = serving(model)
+    try:
+        texts = [f"text {i} with some words in it, and a few more words to make it longer" for i in range(1600)]
+        body = json.dumps({"input": texts, "return_multivector": True}).encode()
+        req = urllib.request.Request(s.url + "/v1/embeddings", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.headers["Content-Length"] is None and r.headers["Transfer-Encoding"] == "chunked"
+            out = json.loads(r.read())
+        assert len(out["data"]) == 1600 and len(out["data"][0]["embeddings"][0]) == 24
+        assert held_tokens(s) == 0
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.settimeout(120)
+        c.connect(("127.0.0.1", int(s.url.rsplit(":", 1)[1])))
+        head = f"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n\r\n"
+        c.sendall(head.encode() + body)
+        assert c.recv(100).startswith(b"HTTP/1.1 200")
+        assert held_tokens(s) == out["usage"]["total_tokens"]  # the rest cannot be sent: the client reads no more
+        c.close()
+        deadline = time.monotonic() + 60  # against a hang only: the count ends the wait
+        while held_tokens(s) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held_tokens(s) == 0
+        small = call(s.url + "/v1/embeddings", {"input": ["a"]}, full=True)
+        assert small[0] == 200 and small[2]["Content-Length"] is not None
     finally:
         s.stop()
 

@@ -9,8 +9,11 @@ only when the server starts, so the rest of the CLI runs without the `serve` ext
 Every cost a request can cause is bounded (NOTES.md, "Serving"): headers and body arrive within their timeouts
 and the body within --max-body-bytes; JSON parsing, tokenizing, image decoding and answer encoding run off the
 event loop, in three lanes of threads (small bodies, large bodies, requests with image URLs) so that one kind never
-waits behind another; image URLs are fetched under url_fetch.py's address policy and deadlines; the tokens and
-pixels a request holds, from decoding to its answer, come out of one budget (a 503 with Retry-After beyond it).
+waits behind another, and in calls short enough that none holds the GIL for long (a body's JSON values are counted
+before it is parsed, an answer is encoded piece by piece and streamed past 1 MiB, and bounded by
+--max-answer-bytes before the model runs); image URLs are fetched under url_fetch.py's address policy and
+deadlines; the tokens and pixels a request holds, from decoding to its answer, come out of one budget (a 503 with
+Retry-After beyond it).
 """
 
 from __future__ import annotations
@@ -404,8 +407,8 @@ def create_app(
             state["in_flight"] -= 1
 
     async def respond(pieces, lane, held: Counter):
-        """The answer: its first STREAM bytes encoded in a thread; an answer no longer is sent whole, a longer one
-        streamed piece by piece, each encoded in its own thread call, holding its budget until its end."""
+        """The answer, encoded STREAM bytes at a time in the request's lane: one of fewer bytes is sent whole, a longer
+        one streamed, each STREAM bytes encoded in their own thread call, its budget held until it is sent."""
         first = await anyio.to_thread.run_sync(gather, pieces, limiter=lane)
         if len(first) < STREAM:
             return Response(first, media_type="application/json")

@@ -50,7 +50,7 @@ class Server:
     def __init__(self, app, **kw):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.app, self.server = app, make_server(app, log_level="warning", **kw)
+        self.app, self.server = app, make_server(app, **{"log_level": "warning", **kw})
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

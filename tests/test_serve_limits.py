@@ -9,11 +9,16 @@ Everything runs on 127.0.0.0/8: a loopback HTTP server plays the remote, and a g
 connect anywhere else or look a name up in DNS. Waits are for events (a request entering a hook, a connection
 closing), with generous bounds only against a hang."""
 
+import gzip
 import http.server
+import json
+import logging
 import socket
+import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -597,7 +602,13 @@ def test_the_key_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("--header-timeout", "0"), ("--url-timeout", "inf"), ("--body-timeout", "-3"), ("--max-redirects", "-1")],
+    [
+        ("--header-timeout", "0"),
+        ("--url-timeout", "inf"),
+        ("--body-timeout", "-3"),
+        ("--max-redirects", "-1"),
+        ("--max-answer-bytes", "0"),
+    ],
 )
 def test_bad_limits_are_refused_by_the_parser(flag, value, capsys):
     from jina_v4.apps.cli import parser
@@ -605,3 +616,135 @@ def test_bad_limits_are_refused_by_the_parser(flag, value, capsys):
     with pytest.raises(SystemExit):
         parser(["serve"]).parse_args(["serve", flag, value])
     assert f"argument {flag}: {value!r} is not a" in capsys.readouterr().err
+
+
+# ---- what a refusal quotes, and what reaches a client or the log ---------------------------------------------------
+
+
+def error(server, body=None, raw=None, headers=None):
+    status, out = call(server.url + "/v1/embeddings", body, raw=raw, headers=headers)
+    return status, out["error"]["message"]
+
+
+def test_a_client_s_own_path_comes_back_as_sent(model):
+    """Only text the server produced is scrubbed: a `model` naming a path under the server's home directory or
+    working directory is quoted as sent, so that a client cannot confirm its guesses of the server's paths."""
+    s = serving(model)
+    try:
+        for guess in (str(Path.home() / "venv"), str(Path.cwd()), sys.prefix):
+            status, message = error(s, {"input": "a", "model": guess})
+            assert status == 400 and json.dumps(guess) in message and "<server path>" not in message, message
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        ({"input": "a", "model": "m" * 1_000_000}, "1,000,000 characters"),
+        ({"input": "a", "task": ["t"] * 100_000}, "characters of JSON"),
+        ({"input": "a", "x" * 1_000_000: 1}, "1,000,000 characters"),
+        ({"input": [[1, "t" * 1_000_000]]}, "1,000,000 characters"),
+        ({"input": [{"image": "s" * 1_000_000 + "://x"}]}, "URLs are refused"),
+        ({"input": ["a", {"text": "t" * 1_000_000, "image": "i"}]}, "characters of JSON"),
+    ],
+    ids=["model", "task", "field", "token", "scheme", "object"],
+)
+def test_an_invalid_value_is_quoted_in_short(model, body, words):
+    s = serving(model, max_body_bytes=3_000_000)
+    try:
+        status, message = error(s, body)
+        assert status == 400 and words in message and len(message) < 400, message[:1000]
+    finally:
+        s.stop()
+
+
+def test_a_compressed_body_is_refused_by_its_encoding(model):
+    s = serving(model)
+    try:
+        body = gzip.compress(json.dumps({"input": "a"}).encode())
+        status, message = error(s, raw=body, headers={"Content-Encoding": "gzip"})
+        assert status == 415 and "gzip" in message and "uncompressed" in message, message
+        raw = json.dumps({"input": "a"}).encode()
+        assert call(s.url + "/v1/embeddings", raw=raw, headers={"Content-Encoding": "identity"})[0] == 200
+    finally:
+        s.stop()
+
+
+def test_the_access_log_never_shows_a_query_string(model):
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    s = Server(create_app(model, CKPT, Limits(), api_key="the-key"), log_level="info")
+    logging.getLogger("uvicorn.access").addHandler(keep)
+    try:
+        assert call(s.url + "/v1/embeddings?api_key=the-key&x=1", {"input": "a"})[0] == 401
+        assert call(s.url + "/health?token=the-key")[0] == 200
+    finally:
+        logging.getLogger("uvicorn.access").removeHandler(keep)
+        s.stop()
+    assert any("POST /v1/embeddings?<query not logged>" in line and "401" in line for line in lines), lines
+    assert any("GET /health?<query not logged>" in line for line in lines), lines
+    assert not any("the-key" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "header,status",
+    [
+        ("Bearer the-key", 200),
+        ("bearer the-key", 200),
+        ("BEARER  the-key", 200),
+        ("Bearer the-keyx", 401),
+        ("Basic the-key", 401),
+        ("the-key", 401),
+        ("bearer", 401),
+    ],
+)
+def test_the_bearer_scheme_is_read_in_any_case(model, header, status):
+    s = Server(create_app(model, CKPT, Limits(), api_key="the-key"))
+    try:
+        assert call(s.url + "/v1/embeddings", {"input": "a"}, headers={"Authorization": header})[0] == status
+    finally:
+        s.stop()
+
+
+def test_a_url_without_a_host_is_called_that(model):
+    with pytest.raises(FetchError, match="names no host"):
+        Fetcher(10**6, 5.0, allow_private=True).fetch("http:///127.0.0.1:1/x", time.monotonic() + HANG)
+    s = serving(model, allow_private_urls=True)
+    try:
+        message = refused(s, [{"image": "http:///127.0.0.1:1/x.png"}])
+        assert "names no host" in message and "redirect" not in message, message
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n",
+        b"NOT A REQUEST LINE\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nbad header line\r\n\r\n",
+    ],
+    ids=["negative-length", "bad-length", "request-line", "header"],
+)
+def test_requests_h11_cannot_read_get_the_json_error(model, raw):
+    s = serving(model)
+    try:
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])), timeout=HANG) as c:
+            c.sendall(raw)
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer
+        error = json.loads(body)["error"]
+        assert error["code"] == 400 and "not valid HTTP/1.1" in error["message"], error
+        assert call(s.url + "/health")[0] == 200
+    finally:
+        s.stop()

@@ -67,20 +67,32 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": scrub(str(self)), "type": kind, "code": self.status, "index": self.index}}
+        return {"error": {"message": str(self), "type": kind, "code": self.status, "index": self.index}}
 
 
 SERVER_PATHS = sorted({sys.prefix, sys.base_prefix, str(Path.home()), str(Path.cwd())} - {"/"}, key=len)[::-1]
 
 
 def scrub(message: str) -> str:
-    """A message as a client may read it: heap addresses and the server's own directories taken out (a last
-    guard: messages are written not to hold them)."""
+    """Text the server produced (a library's exception message) as a client may read it: heap addresses and the
+    server's own directories taken out. Only such text: a client's own values are quoted as given (`preview`),
+    never rewritten, so that a client cannot probe the server's paths by sending guesses."""
     message = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", message)
     message = re.sub(r"\b0x[0-9a-fA-F]{8,}\b", "0x...", message)
     for path in SERVER_PATHS:
         message = message.replace(path, "<server path>")
     return message
+
+
+PREVIEW = 60  # characters of a client's value that an error message quotes
+
+
+def preview(value: Any) -> str:
+    """A client's value as an error message quotes it: its JSON, cut to PREVIEW characters with its length."""
+    if isinstance(value, str) and len(value) > PREVIEW:
+        return f'{json.dumps(value[:PREVIEW])[:-1]}..." ({len(value):,} characters)'
+    text = json.dumps(value)
+    return text if len(text) <= PREVIEW else f"{text[:PREVIEW]}... ({len(text):,} characters of JSON)"
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Limits:
     allow_private_urls: bool = False  # fetch loopback, private, link-local, ... addresses too (url_fetch.refusal)
     max_redirects: int = 3
     body_timeout: float = 60.0  # seconds for a request's body to arrive
+    max_answer_bytes: int = 128 * 2**20  # the answer's JSON, estimated from the tokens before the model runs
 
 
 @dataclass
@@ -111,9 +124,56 @@ class Request:
     truncate: bool
 
 
+STRUCTURE = (b"[", b"{", b",", b":")  # in JSON every value and key but the first follows one of these
+
+
+def values_needed(limits: Limits) -> int:
+    """The most JSON values and keys a request within the limits can hold: an input is at most 3 (an object, its
+    key, its string), token ids at most --max-tokens in all, and 64 for the other fields."""
+    return 3 * limits.max_items + limits.max_tokens + 64
+
+
+def json_values(body: bytes, most: int) -> int:
+    """A count of the values and keys that json.loads(body) creates: over `most` only when they are more than
+    `most`, otherwise at least as many; found by a few passes of C over the bytes (no call holds the GIL for more
+    than tens of ms on 32 MiB). Each value or key but the first follows `[`, `{`, `,` or `:`; counted in the
+    whole body, strings included, that is an upper bound. Past `most`, the strings are taken out: escaped
+    backslashes and escaped quotes are removed (left to right, as JSON reads escapes), the quotes left delimit
+    the strings; more strings than `most` is an answer, else the characters between the strings are counted
+    again, less the empty lists and objects written `[]` and `{}` (exact for JSON as json.dumps writes it). An
+    invalid body: json.loads stops at its first error, and before it these steps read the bytes as it does."""
+    quick = 1 + sum(body.count(c) for c in STRUCTURE)
+    if quick <= most:
+        return quick
+    bare = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = bare.count(b'"') // 2
+    if strings > most:
+        return strings
+    outside = b'""'.join(bare.split(b'"')[0::2])  # each string as ""
+    return 1 + sum(outside.count(c) for c in STRUCTURE) - outside.count(b"[]") - outside.count(b"{}")
+
+
+def read_json(body: bytes, limits: Limits) -> Any:
+    """The body's JSON, refused before json.loads when it holds more values than a request within the limits can
+    hold (json.loads holds the GIL throughout: 8 M empty lists took 10 s and more, with the cyclic GC running over
+    them again and again, while the event loop waited)."""
+    most = values_needed(limits)
+    n = json_values(body, most)
+    if n > most:
+        raise RequestError(
+            413,
+            f"the body holds over {most:,} JSON values ({n:,} found before parsing), more than a request within "
+            f"--max-items ({limits.max_items}) and --max-tokens ({limits.max_tokens}) can hold",
+        )
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(400, f"the body is not valid JSON ({type(e).__name__}: {scrub(str(e))[:200]})") from None
+
+
 def valid(value: Any, choices: list, what: str) -> Any:
     if type(value) not in {type(c) for c in choices} or value not in choices:  # True is not 1, 8.0 is not 8
-        raise RequestError(400, f"{what}: {json.dumps(value)} is not valid; valid values are {json.dumps(choices)}")
+        raise RequestError(400, f"{what}: {preview(value)} is not valid; valid values are {json.dumps(choices)}")
     return value
 
 
@@ -141,9 +201,10 @@ def parse(
     fields = OPENAI_FIELDS if openai else JINA_FIELDS
     unknown = [k for k in body if k not in fields]
     if unknown:
+        named = ", ".join(preview(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
         raise RequestError(
             400,
-            f"unknown field(s) {unknown} for the {'OpenAI' if openai else 'Jina'} format; valid fields are {fields}",
+            f"unknown field(s) {named} for the {'OpenAI' if openai else 'Jina'} format; valid fields are {fields}",
         )
     if len(inputs) > limits.max_items:
         raise RequestError(413, f"input holds {len(inputs)} items, over the limit of {limits.max_items} (--max-items)")
@@ -155,8 +216,7 @@ def parse(
             if len(v) != 1 or next(iter(v)) not in ("text", "image") or not isinstance(next(iter(v.values())), str):
                 raise RequestError(
                     400,
-                    f'input[{i}]: an object must be {{"text": string}} or '
-                    f'{{"image": string}}, got {json.dumps(v)[:80]}',
+                    f'input[{i}]: an object must be {{"text": string}} or {{"image": string}}, got {preview(v)}',
                     i,
                 )
         elif not isinstance(v, (str, list)):
@@ -232,7 +292,7 @@ def prepare(
                 raise RequestError(400, f"input[{i}]: an empty token-id list", i)
             bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab or t == pad]
             if bad:
-                why = f"{json.dumps(bad[0])} is not a token id in [0, {vocab}), or is the image placeholder"
+                why = f"{preview(bad[0])} is not a token id in [0, {vocab}), or is the image placeholder"
                 raise RequestError(400, f"input[{i}]: {why}", i)
         items = [Item(list(ids[:n]), task, dropped=max(0, len(ids) - n)) for ids in x]
     else:
@@ -304,7 +364,10 @@ def decode_image(
     if scheme:
         if scheme[1].lower() not in ("http", "https"):
             raise RequestError(
-                400, f"{where}: {scheme[1]}:// URLs are refused; send an http(s) URL, a data URI or base64", i
+                400,
+                f"{where}: {scheme[1][:20]}{'...' * (len(scheme[1]) > 20)}:// URLs are refused; send an http(s) URL, "
+                "a data URI or base64",
+                i,
             )
         if fetch is None:
             raise RequestError(
@@ -375,6 +438,60 @@ def encode(v: np.ndarray, kind: str) -> Any:
         return rows[0] if v.ndim == 1 else rows
     bits = np.packbits(v > 0, axis=-1)  # sign bits, the first dimension in the high bit of byte 0
     return (bits if kind == "ubinary" else (bits.astype(np.int16) - 128).astype(np.int8)).tolist()
+
+
+FLOAT_CHARS = 25  # the longest JSON of a float32 as a float, with its separator: "-1.2345678901234567e-05, "
+PIECE = 16384  # numbers json-encoded in one call by answer_pieces (a few ms of the GIL)
+
+
+def answer_bytes(request: Request, rows: list[int], dim: int) -> int:
+    """An upper bound on the answer's JSON bytes when input i gets rows[i] vectors of `dim` values."""
+    row = 0
+    for kind in request.types:
+        if kind == "float":
+            row += FLOAT_CHARS * dim + 4
+        elif kind == "base64":
+            row += 4 * -(-4 * dim // 3) + 4
+        else:
+            row += 6 * -(-dim // 8) + 4  # "-128, " at most per byte
+    return 256 + len(preview(request.model)) + sum(96 + 16 * len(request.types) + row * n for n in rows)
+
+
+def check_answer(request: Request, rows: list[int], dim: int, limits: Limits) -> None:
+    """Refuses (413) an answer that would be larger than --max-answer-bytes, before the model runs."""
+    size = answer_bytes(request, rows, dim)
+    if size > limits.max_answer_bytes:
+        what = f"{sum(rows):,} {'token vectors' if request.multivector else 'vectors'} of {dim} values"
+        raise RequestError(
+            413,
+            f"the answer would be up to {size:,} bytes ({what}, as {'+'.join(request.types)}), over the limit of "
+            f"{limits.max_answer_bytes:,} (--max-answer-bytes); send fewer inputs or tokens"
+            + (", or ask for base64" if "float" in request.types else ""),
+        )
+
+
+def answer_pieces(request: Request, vectors: list[np.ndarray], tokens: int, numbers: int = PIECE):
+    """The JSON of `answer` as bytes, piece by piece: each piece json-encodes at most `numbers` numbers, so that
+    no call holds the GIL for long (one json.dumps of a 344 MB answer held it for 40 s)."""
+    key = "embeddings" if request.multivector else "embedding"
+    head = {"model": request.model, "object": "list", "usage": {"total_tokens": tokens, "prompt_tokens": tokens}}
+    yield json.dumps(head)[:-1].encode() + b', "data": ['
+    for i, v in enumerate(vectors):
+        yield f'{", " if i else ""}{{"object": "embedding", "index": {i}, "{key}": '.encode()
+        for j, kind in enumerate(request.types):
+            if request.keyed:
+                yield f"{'{' if j == 0 else ', '}{json.dumps(kind)}: ".encode()
+            if v.ndim == 1:
+                yield json.dumps(encode(v, kind)).encode()
+                continue
+            step = max(1, numbers // max(1, v.shape[-1]))
+            yield b"["
+            for start in range(0, len(v), step):
+                rows = json.dumps(encode(v[start : start + step], kind))[1:-1]
+                yield (", " + rows if start else rows).encode()
+            yield b"]"
+        yield b"}}" if request.keyed else b"}"
+    yield b"]}"
 
 
 def answer(request: Request, vectors: list[np.ndarray], tokens: int) -> dict:

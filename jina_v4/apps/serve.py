@@ -10,8 +10,11 @@ runs without the `serve` extra.
 Every cost a request can cause is bounded (NOTES.md, "Serving"): headers and body arrive within their timeouts
 and the body within --max-body-bytes; JSON parsing, tokenizing, image decoding and answer encoding run off the
 event loop, in three lanes of threads (small bodies, large bodies, requests with image URLs) so that one kind never
-waits behind another; image URLs are fetched under url_fetch.py's address policy and deadlines; the tokens and
-pixels a request holds, from decoding to its answer, come out of one budget (a 503 with Retry-After beyond it).
+waits behind another, and in calls short enough that none holds the GIL for long (a body's JSON values are counted
+before it is parsed, an answer is encoded piece by piece and streamed past 1 MiB, and bounded by
+--max-answer-bytes before the model runs); image URLs are fetched under url_fetch.py's address policy and
+deadlines; the tokens and pixels a request holds, from decoding to its answer, come out of one budget (a 503 with
+Retry-After beyond it).
 """
 
 from __future__ import annotations
@@ -42,13 +45,26 @@ from ..model.heads import head_for
 from ..model.processing import token_batches
 from ..pipeline import encode
 from .common import DEFAULT_MODEL, loaded_model
-from .http_formats import ALIAS, Limits, RequestError, answer, has_urls, http_tasks, parse, prepare
+from .http_formats import (
+    ALIAS,
+    Limits,
+    RequestError,
+    answer_pieces,
+    check_answer,
+    has_urls,
+    http_tasks,
+    parse,
+    prepare,
+    preview,
+    read_json,
+)
 from .url_fetch import Fetcher
 
 log = logging.getLogger("jina_v4.serve")
 SHUTTING_DOWN = "the server is shutting down; send the request again to a running one"
 WORKER_DEAD = "the model worker has stopped (the server's log says why); the server needs a restart"
 LARGE_BODY = 2**20  # bodies above this parse and prepare in the "large" lane
+STREAM = 2**20  # an answer is sent in pieces of about this many bytes, each encoded in one thread call
 RETRY_AFTER = 1  # seconds, in the Retry-After of a 503 for a full budget or queue
 
 
@@ -347,6 +363,31 @@ class Budget:
         held.clear()
 
 
+def gather(pieces, size: int = STREAM) -> bytes:
+    """The next pieces of an answer, joined up to about `size` bytes; b"" once none is left."""
+    out, n = [], 0
+    for piece in pieces:
+        out.append(piece)
+        n += len(piece)
+        if n >= size:
+            break
+    return b"".join(out)
+
+
+def without_query(path: str) -> str:
+    """A request's path as the access log shows it: a query string may hold a secret (?api_key=...)."""
+    return path.partition("?")[0] + ("?<query not logged>" if "?" in path else "")
+
+
+class AccessLog(logging.LoggerAdapter):
+    """uvicorn's access log, the query string of each request taken out of its line."""
+
+    def info(self, msg, *args, **kwargs) -> None:
+        if len(args) == 5 and isinstance(args[2], str):  # (client, method, path with query, HTTP version, status)
+            args = (*args[:2], without_query(args[2]), *args[3:])
+        self.logger.info(msg, *args, **kwargs)
+
+
 def public_name(model: str) -> str:
     """The name the server answers to besides ALIAS: a hub id as given, a local checkpoint by its directory's name
     (the server's own paths never reach a client)."""
@@ -375,8 +416,21 @@ def create_app(
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
+
+    class Streamed(StreamingResponse):
+        """A streamed JSON answer that calls `done` once sent, or once its client is gone."""
+
+        def __init__(self, content, done):
+            super().__init__(content, media_type="application/json")
+            self.done = done
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.done()
 
     limits = limits or Limits()
     names = list(dict.fromkeys([ALIAS, public_name(name)]))
@@ -399,13 +453,18 @@ def create_app(
     for kind, least in (("tokens", limits.max_tokens), ("pixels", limits.max_image_pixels)):
         if budget.limit[kind] < least:
             raise ValueError(f"{Budget.FLAGS[kind]} {budget.limit[kind]:,} is below one request's {least:,}")
-    key = f"Bearer {api_key}".encode() if api_key else None
+    key = api_key.encode() if api_key else None
+    dims = {True: model.config.multi_vector_projector_dim, False: model.config.text_config.hidden_size}
 
     def refuse(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), e.status, headers=e.headers)
 
     def check_key(request) -> None:
-        if key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), key):
+        """The key of 'Authorization: Bearer <key>', the scheme in any case (RFC 7235), compared in constant time."""
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not (hmac.compare_digest(given.lstrip(" ").encode(), key) and scheme.lower() == "bearer"):
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
     def check_type(request) -> None:
@@ -413,6 +472,11 @@ def create_app(
         media = (given or "application/json").split(";")[0].strip().lower()
         if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
             raise RequestError(415, f"Content-Type {given[:60]!r}: send the body as JSON (application/json)")
+        coding = request.headers.get("content-encoding", "identity")
+        if coding.strip().lower() not in ("identity", ""):
+            raise RequestError(
+                415, f"Content-Encoding {coding[:60]!r}: the server reads bodies as sent; send it uncompressed"
+            )
 
     async def read_body(request) -> bytes:
         """The body, kept up to the limit, within --body-timeout. A body over the limit is read to its end (up to
@@ -436,12 +500,8 @@ def create_app(
             raise RequestError(413, f"the body is {size} bytes, over the limit of {cap} (--max-body-bytes)")
         return bytes(body)
 
-    def read_request(body: bytes):  # in a thread: a large body takes seconds to parse
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise RequestError(400, f"the body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-        return parse(data, names, model.config.matryoshka_dims, task, limits, tasks)
+    def read_request(body: bytes):  # in a thread: a large body takes a fraction of a second to parse
+        return parse(read_json(body, limits), names, model.config.matryoshka_dims, task, limits, tasks)
 
     async def embeddings(request):
         state["received"] += 1
@@ -467,14 +527,13 @@ def create_app(
             work, tokens = await anyio.to_thread.run_sync(
                 prepare, req, model, limits, tasks, fetch, reserve, limiter=lane
             )
+            rows = [len(it.input_ids) if req.multivector else 1 for it in work] if isinstance(work, list) else None
+            check_answer(req, rows or [1] * len(req.inputs), req.dimensions or dims[req.multivector], limits)
             cost = sum(it.cost for it in work) if isinstance(work, list) else tokens
             job = Job(work, (req.multivector, req.dimensions), cost)
             del work
             vectors = await outcome(request, job)
-            body = await anyio.to_thread.run_sync(
-                lambda: json.dumps(answer(req, vectors, tokens)).encode(), limiter=lane
-            )
-            return Response(body, media_type="application/json")
+            return await respond(answer_pieces(req, vectors, tokens), lane, held)
         except RequestError as e:
             return refuse(e)
         except asyncio.CancelledError:
@@ -512,6 +571,22 @@ def create_app(
         while (await request.receive())["type"] != "http.disconnect":
             await asyncio.sleep(0.1)
 
+    async def respond(pieces, lane, held: Counter):
+        """The answer, encoded STREAM bytes at a time in the request's lane: one of fewer bytes is sent whole, a longer
+        one streamed, each STREAM bytes encoded in their own thread call, its budget held until it is sent."""
+        first = await anyio.to_thread.run_sync(gather, pieces, limiter=lane)
+        if len(first) < STREAM:
+            return Response(first, media_type="application/json")
+        kept = Counter(held)
+        held.clear()  # the stream gives the budget back
+
+        async def rest():
+            yield first
+            while chunk := await anyio.to_thread.run_sync(gather, pieces, limiter=lane):
+                yield chunk
+
+        return Streamed(rest(), lambda: budget.give(kept))
+
     async def health(request):
         work = worker.status()
         return JSONResponse(
@@ -544,7 +619,7 @@ def create_app(
         )
 
     async def http_error(request, e: HTTPException):  # 404, 405 as JSON too
-        return refuse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+        return refuse(RequestError(e.status_code, f"{request.method[:20]} {preview(request.url.path)}: {e.detail}"))
 
     def drain(graceful_timeout: float | None) -> None:
         """The server stops accepting: new requests get a 503, URL fetches end, the queue runs on; a second before
@@ -589,12 +664,32 @@ def make_server(
     """A uvicorn server for `app`: a request's headers must arrive within header_timeout (uvicorn has no such
     limit: a client could hold a connection forever sending a byte at a time), an idle kept-alive connection
     closes after keep_alive_timeout, and a shutdown first calls app.state.drain."""
+    import h11
     import uvicorn
     from uvicorn.protocols.http.flow_control import CLOSE_HEADER
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         headers_timer = None  # from a connection's start, or the next request's first byte, to its headers' end
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_logger = AccessLog(self.access_logger, {})
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot read (a malformed request line or header, a bad Content-Length): the JSON
+            error of every other refusal instead of uvicorn's plain text, then the connection closes."""
+            error = RequestError(400, "the request is not valid HTTP/1.1 (its request line, a header or its framing)")
+            body = json.dumps(error.body()).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body)):
+                self.transport.write(self.conn.send(event))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -730,6 +825,7 @@ def add_parser(sub, tasks: dict | None = None) -> None:
         ("max_length", "tokens per input (cut, or refused with truncate=false)"),
         ("max_body_bytes", "request body bytes (also the cap on one downloaded image)"),
         ("max_image_pixels", "decoded image width x height"),
+        ("max_answer_bytes", "answer JSON bytes, estimated before the model runs (413 beyond)"),
     ):
         p.add_argument(
             "--" + flag.replace("_", "-"),
@@ -823,6 +919,7 @@ def run(args) -> None:
         allow_private_urls=args.allow_private_urls,
         max_redirects=args.max_redirects,
         body_timeout=args.body_timeout,
+        max_answer_bytes=args.max_answer_bytes,
     )
     app = create_app(
         model,

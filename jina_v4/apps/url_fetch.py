@@ -94,8 +94,14 @@ class Fetcher:
         late = f"took over {self.timeout:g} s (--url-timeout)" if own <= deadline else "ran past the request's deadline"
         for hop in range(self.max_redirects + 1):
             parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError("was redirected to a URL that is not http(s), which the server refuses")
+            if parts.scheme not in ("http", "https"):
+                raise FetchError(
+                    "was redirected to a URL that is not http(s), which the server refuses"
+                    if hop
+                    else "is not an http(s) URL"
+                )
+            if not parts.hostname:
+                raise FetchError("was redirected to a URL without a host" if hop else "names no host (http://HOST/...)")
             try:
                 status, location, body = self.get(parts, end, hop)
             except FetchError:

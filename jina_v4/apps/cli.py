@@ -419,6 +419,7 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("mteb", help="MTEB tasks or a benchmark, scored by MTEB, written as MTEB's result files")
     p.add_argument("--tasks", nargs="+", help="MTEB task names, or local folders in eval's layouts (BEIR, images/)")
     p.add_argument("--benchmark", help="an MTEB benchmark, e.g. 'ViDoRe(v1)' or 'MTEB(Code, v1)'")
+    p.add_argument("--task-types", nargs="+", help="only the tasks of these MTEB types, e.g. Retrieval")
     p.add_argument("--multivector", action="store_true", help="rank by MaxSim of multi-vectors")
     p.add_argument("--dim", type=int, help="Matryoshka dimension of the single vectors (default: all)")
     p.add_argument("--task-map", nargs="+", metavar="KEY=TASK[.PROMPT]", help="e.g. STS=my-task (MTEB prompt keys)")

@@ -247,9 +247,10 @@ class JinaV4MTEB(AbsEncoder):
 # ---- tasks: MTEB's by name or benchmark, or a local folder in `jina-v4 eval`'s layouts ------------------------------
 
 
-def folder_task(path: str | Path, split: str | None = None):
+def folder_task(path: str | Path, split: str | None = None, **metadata):
     """An MTEB retrieval task built from a BEIR-layout folder (type Retrieval) or an image-document folder
-    (type DocumentUnderstanding, text queries against page images), read as `jina-v4 eval` reads them; no hub."""
+    (type DocumentUnderstanding, text queries against page images), read as `jina-v4 eval` reads them; no hub.
+    metadata: TaskMetadata fields to set (e.g. name=..., domains=["Programming"] for a code task)."""
     from datasets import Dataset, Image
 
     from .evaluate import read_dataset
@@ -272,15 +273,17 @@ def folder_task(path: str | Path, split: str | None = None):
         eval_langs=["eng-Latn"],
         main_score="ndcg_at_10",
         date=None,
-        domains=None,
+        domains=[],
         task_subtypes=None,
         license=None,
         annotations_creators=None,
         dialect=None,
         sample_creation=None,
         bibtex_citation="",
-    )
-    qids = [q for q in data.qrels if q in data.queries]
+    ).model_copy(update=metadata)
+    from .evaluate import relevant
+
+    qids = [q for q in data.qrels if q in data.queries and relevant(data.qrels[q])]  # as eval: others are skipped
 
     class FolderTask(AbsTaskRetrieval):
         metadata = meta
@@ -294,7 +297,8 @@ def folder_task(path: str | Path, split: str | None = None):
                 texts = [x["text"] for _, x in data.corpus]
                 corpus = Dataset.from_dict({"id": [i for i, _ in data.corpus], "text": texts})
             queries = Dataset.from_dict({"id": qids, "text": [data.queries[q] for q in qids]})
-            split = {"corpus": corpus, "queries": queries, "relevant_docs": data.qrels, "top_ranked": None}
+            qrels = {q: data.qrels[q] for q in qids}
+            split = {"corpus": corpus, "queries": queries, "relevant_docs": qrels, "top_ranked": None}
             self.dataset = {"default": {data.split: split}}
             self.data_loaded = True
 
@@ -324,7 +328,12 @@ def get_tasks(names: Sequence[str] = (), benchmark: str | None = None) -> list:
         else:
             wanted.append(n)
     if wanted:
-        known = sorted({t.metadata.name for t in mteb.get_tasks()})
+        try:  # the registry's names, without building every task (mteb.get_tasks() takes half a minute)
+            from mteb.get_tasks import _TASKS_REGISTRY
+
+            known = sorted(_TASKS_REGISTRY)
+        except ImportError:
+            known = sorted({t.metadata.name for t in mteb.get_tasks()})
         for n in wanted:
             if n not in known:
                 raise nearest(n, known, "task")
@@ -426,6 +435,11 @@ def main(args) -> None:
     if not args.tasks and not args.benchmark:
         raise MTEBError("give --tasks (MTEB task names or local folders) or --benchmark NAME")
     tasks = get_tasks(args.tasks or (), args.benchmark)
+    if args.task_types:
+        types = sorted({t.metadata.type for t in tasks})
+        tasks = [t for t in tasks if t.metadata.type in args.task_types]
+        if not tasks:
+            raise MTEBError(f"--task-types {' '.join(args.task_types)}: no such task here (types: {', '.join(types)})")
     task_map = parse_task_map(args.task_map or [])
     model = loaded_model(args.model, args.device, args.dtype, args.quiet)
     encoder = JinaV4MTEB(

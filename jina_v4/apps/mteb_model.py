@@ -401,7 +401,7 @@ def run(
                 cache=mteb.ResultCache(staging),
                 overwrite_strategy="always",
                 show_progress_bar=not quiet,
-                encode_kwargs=encode_kwargs or {},
+                encode_kwargs={"show_progress_bar": not quiet, **(encode_kwargs or {})},
             )
             seconds = time.perf_counter() - start
             written = staging / "results" / ours[0] / ours[1]

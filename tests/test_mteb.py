@@ -301,6 +301,18 @@ def test_a_model_changed_in_python_is_scored_without_saving(checkpoints, folders
     assert changed == pytest.approx(mteb_rounded(evaluate.evaluate(model, data, ks=(10,))["ndcg@10"]), abs=1e-12)
 
 
+def test_an_added_task_is_scored_through_the_task_map(checkpoints, folders):
+    """model.add_task (a copy of the code adapter under a new name), mapped to MTEB's Retrieval keys: MTEB scores
+    it as `jina-v4 eval --task mine` does, and unlike the retrieval adapter."""
+    model = JinaV4.from_pretrained(checkpoints[NAME], device="cpu", dtype="float32")
+    model.add_task("mine", init_from="code")
+    mapping = {"Retrieval-query": "mine.query", "Retrieval-document": "mine.passage"}
+    task, data = tasks(folders)["text"], evaluate.read_dataset(folders["text"])
+    got = main_score(JinaV4MTEB(model, task_map=mapping, name="mine"), task)
+    assert got == pytest.approx(mteb_rounded(evaluate.evaluate(model, data, "mine", ks=(10,))["ndcg@10"]), abs=1e-12)
+    assert got != pytest.approx(main_score(JinaV4MTEB(model), task), abs=1e-6)
+
+
 # ---- the command, MTEB's result files, refusals ---------------------------------------------------------------------
 
 
@@ -354,6 +366,7 @@ def test_an_interrupted_run_leaves_no_partial_result(models, folders, tmp_path, 
     assert (folder / "LocalCode.json").is_file()
 
 
+@pytest.mark.slow  # mteb.get_benchmarks() builds every benchmark: seconds
 def test_unknown_names_list_the_nearest(capsys):
     with pytest.raises(MTEBError, match=r"'NFCorpuss' is not an MTEB task; the nearest: NFCorpus"):
         mm.get_tasks(["NFCorpuss"])

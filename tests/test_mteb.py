@@ -184,6 +184,17 @@ def test_each_mapped_type_gets_the_wrappers_adapter_and_prompt(models, type_, ex
     assert torch.equal(torch.as_tensor(got), want)
 
 
+def test_deterministic_reaches_the_model(models, monkeypatch):
+    model, seen = models(NAME), []
+    real = model.encode_text
+    spy = lambda texts, **kw: seen.append(kw.get("deterministic")) or real(texts, **kw)  # noqa: E731
+    monkeypatch.setattr(model, "encode_text", spy)
+    kw = dict(task_metadata=metadata("LocalSTS", "STS", main_score="cosine_spearman"), hf_split="t", hf_subset="d")
+    JinaV4MTEB(model).encode([{"text": ["x"]}], **kw)
+    JinaV4MTEB(model, deterministic=True).encode([{"text": ["x"]}], **kw)
+    assert seen == [None, True]
+
+
 def test_an_unmapped_task_type_is_refused_with_its_name(models):
     encoder = JinaV4MTEB(models(NAME))
     for type_, score in (("Classification", "accuracy"), ("Clustering", "v_measure")):
@@ -374,6 +385,8 @@ def test_unknown_names_list_the_nearest(capsys):
         mm.get_tasks(benchmark="ViDoRe(v9)")
     assert cli.main(["mteb", "--tasks", "SciFactt", "-o", "unused"]) == 1
     assert "the nearest: SciFact" in capsys.readouterr().err
+    assert cli.main(["mteb", "--tasks", "SciFact", "--task", "code", "-o", "unused"]) == 1
+    assert "picks adapters by MTEB task type; use --task-map" in capsys.readouterr().err
 
 
 def test_the_benchmarks_of_the_paper_table_exist():

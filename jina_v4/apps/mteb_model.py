@@ -125,13 +125,14 @@ class JinaV4MTEB(AbsEncoder):
         checkpoint: str | None = None,
         batch_size: int | None = None,
         max_pixels: int = MAX_PIXELS,
+        deterministic: bool = False,
     ) -> None:
         from ..model.heads import head_for
 
         head_for(multivector, dim, model.config.matryoshka_dims)  # the dim / multivector rules, before any work
         self.model = model
         self.multivector, self.dim = multivector, dim
-        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.batch_size, self.max_pixels, self.deterministic = batch_size, max_pixels, deterministic
         self.model_prompts = {**MODEL_PROMPTS, **(task_map or {})}
         for key, value in self.model_prompts.items():
             task, _, prompt = value.partition(".")
@@ -212,6 +213,7 @@ class JinaV4MTEB(AbsEncoder):
             texts += list(batch.get("text") or [])
             images += list(batch.get("image") or [])
         common = {"task": task, "batch_size": self.batch_size, "return_multivector": self.multivector}
+        common.update({"deterministic": True} if self.deterministic else {})
         parts = []
         if texts:
             parts.append(self.model.encode_text(texts, prompt_name=prompt, **common))
@@ -432,6 +434,8 @@ def main(args) -> None:
     """`jina-v4 mteb` (cli.py parses the arguments)."""
     from .common import loaded_model
 
+    if args.task != "retrieval":
+        raise MTEBError(f"--task {args.task}: jina-v4 mteb picks adapters by MTEB task type; use --task-map")
     if not args.tasks and not args.benchmark:
         raise MTEBError("give --tasks (MTEB task names or local folders) or --benchmark NAME")
     tasks = get_tasks(args.tasks or (), args.benchmark)
@@ -451,6 +455,7 @@ def main(args) -> None:
         checkpoint=str(args.model),
         batch_size=args.batch_size,
         max_pixels=args.max_pixels or MAX_PIXELS,
+        deterministic=args.deterministic,
     )
     rows = run(encoder, tasks, args.output, args.overwrite, args.quiet)
     meta = encoder.mteb_model_meta

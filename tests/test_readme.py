@@ -67,7 +67,7 @@ def blocks(text: str) -> list[Block]:
 
 
 BLOCKS = blocks(README.read_text(encoding="utf-8"))
-SLOW = re.compile(r"--ray\b|\bimport ray\b|train_adapter")
+SLOW = re.compile(r"--ray\b|\bimport ray\b|train_adapter|jina-v4 mteb\b")  # mteb: processes importing MTEB
 
 
 def params():

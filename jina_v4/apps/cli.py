@@ -7,6 +7,7 @@ jina-v4 info                                            # config and parameter c
 jina-v4 serve --model DIR                               # the embeddings HTTP API (serve.py)
 jina-v4 eval --data nanobeir-scifact/ -o results.json   # nDCG, Recall, MRR on a BEIR or image folder (evaluate.py)
 jina-v4 export --task retrieval --format vllm -o DIR    # merged checkpoints for vLLM or llama.cpp (export.py)
+jina-v4 mteb --tasks NFCorpus -o mteb-results/          # MTEB tasks or benchmarks, MTEB's result files (mteb_model.py)
 """
 
 from __future__ import annotations
@@ -263,6 +264,14 @@ def export(args) -> None:
     run(args)
 
 
+def run_mteb(args) -> None:
+    try:
+        from .mteb_model import main as run
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    run(args)
+
+
 def checkpoint_tasks(argv: list[str]) -> dict:
     """The tasks (config.Task) of the checkpoint that argv's --model names, for the help texts: read from its
     config.json when it is a local directory or already in the hub cache; the release's otherwise."""
@@ -406,6 +415,19 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the directory to write (must be empty or new)")
     model_options(p)
     p.set_defaults(run=export)
+
+    p = sub.add_parser("mteb", help="MTEB tasks or a benchmark, scored by MTEB, written as MTEB's result files")
+    p.add_argument("--tasks", nargs="+", help="MTEB task names, or local folders in eval's layouts (BEIR, images/)")
+    p.add_argument("--benchmark", help="an MTEB benchmark, e.g. 'ViDoRe(v1)' or 'MTEB(Code, v1)'")
+    p.add_argument("--task-types", nargs="+", help="only the tasks of these MTEB types, e.g. Retrieval")
+    p.add_argument("--multivector", action="store_true", help="rank by MaxSim of multi-vectors")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension of the single vectors (default: all)")
+    p.add_argument("--task-map", nargs="+", metavar="KEY=TASK[.PROMPT]", help="e.g. STS=my-task (MTEB prompt keys)")
+    p.add_argument("--name", help="the variant's name: the model is jina-v4/NAME in the results")
+    p.add_argument("-o", "--output", required=True, help="the results folder (MTEB's ResultCache layout)")
+    p.add_argument("--overwrite", action="store_true", help="rerun tasks already there; write beside other models")
+    model_options(p)
+    p.set_defaults(run=run_mteb)
 
     from .serve import add_parser as add_serve  # starlette and uvicorn load only when the server starts
 

@@ -73,6 +73,7 @@ class Variant:
     name: str
     bounded: bool  # held to --tol (else measured and reported only)
     rows: list[Row] = field(default_factory=list)
+    told: bool = True  # embedded as README.md tells users: its ids must equal jina_v4's
 
 
 def prompts(model, task: str) -> list[tuple[str, str]]:
@@ -101,7 +102,7 @@ def verdict(variants: list[Variant], tol: float) -> list[str]:
     """What fails: every bounded variant's input beyond tol, and every input whose ids differ."""
     bad = []
     for v in variants:
-        for r in v.rows:
+        for r in v.rows if v.told else []:
             if not r.ids_equal:
                 bad.append(f"{r.probe} ({v.name}): the engine's token ids differ from jina_v4's")
             elif v.bounded and not r.max_abs <= tol:
@@ -113,7 +114,8 @@ def report(variants: list[Variant], tol: float) -> str:
     """A table per variant, each variant's worst cosine and max abs, and the verdict."""
     lines = []
     for v in variants:
-        lines.append(f"\n{v.name}" + (f" (bounded: max abs <= {tol:.0e})" if v.bounded else " (measured)"))
+        how = f" (bounded: max abs <= {tol:.0e})" if v.bounded else " (measured)" if v.told else " (not as told)"
+        lines.append(f"\n{v.name}{how}")
         lines.append(f"  {'input':<14} {'tokens':>6}  {'ids':<5} {'cosine':>12} {'max abs':>9}")
         for r in v.rows:
             ids = "equal" if r.ids_equal else "DIFF"
@@ -171,30 +173,46 @@ def convert(converter: Path, python: str, export_dir: Path, outtype: str, out: P
     return out
 
 
-def engine_snippet(path: Path, variant: str = "f32-kv") -> str:
-    """README.md's llama-cpp-python snippet, to run as written: its GGUF file name replaced by `path`; variant
-    "default-kv" drops its type_k/type_v lines (llama.cpp's default f16 KV cache)."""
+def edited(code: str, old: str, new: str, count: int = 1) -> str:
+    if code.count(old) != count:
+        raise RuntimeError(f"README.md's snippet no longer has {old!r} {count} time(s)")
+    return code.replace(old, new)
+
+
+def engine_snippet(path: Path, variant: str = "as-told") -> str:
+    """README.md's llama-cpp-python snippet, to run as written: its GGUF file name replaced by `path`. The
+    variants that show what each rule is for (measured, never bounded): "default-kv" drops its type_k/type_v
+    lines (llama.cpp's default f16 KV cache); "ubatch-512" leaves n_ubatch at llama.cpp's default; "plain" is
+    llama_cpp.Llama without the rules (no NFC, special tokens not parsed)."""
     from jina_v4.apps.export import GGUF_NAME, LLAMA_CPP_PYTHON
 
-    code = LLAMA_CPP_PYTHON.replace(f'"{GGUF_NAME}"', json.dumps(str(path)))
+    code = edited(LLAMA_CPP_PYTHON, f'"{GGUF_NAME}"', json.dumps(str(path)))
     if variant == "default-kv":
         kept = [line for line in code.splitlines() if not re.match(r"\s*type_[kv]=", line)]
         if len(kept) != len(code.splitlines()) - 2:
             raise RuntimeError("README.md's snippet no longer sets type_k and type_v on lines of their own")
         code = "\n".join(kept) + "\n"
+    elif variant == "ubatch-512":
+        code = re.sub(r"n_ubatch=\d+", "n_ubatch=512", code)
+    elif variant == "plain":
+        code = edited(code, "llm = JinaLlama(", "llm = llama_cpp.Llama(")
+        code = edited(code, 'unicodedata.normalize("NFC", t) for t in texts', "t for t in texts")
+    elif variant != "as-told":
+        raise ValueError(f"variant {variant!r}")
     return code
 
 
-def llama_cpp_run(path: Path, texts: list[str], variant: str = "f32-kv") -> tuple[list[list[int]], list[list[float]]]:
-    """The snippet run verbatim on `path`; then its `embed` on `texts`, and the ids its JinaLlama tokenizes them
-    to (the call Llama.embed makes)."""
+def llama_cpp_run(path: Path, texts: list[str], variant: str = "as-told") -> tuple[list[list[int]], list[list[float]]]:
+    """The snippet run on `path`; then its `embed` on `texts`, and the ids its model tokenizes them to (the call
+    Llama.embed makes, on the text embed passes it)."""
     import unicodedata
 
     ns: dict = {}
     exec(compile(engine_snippet(path, variant), "README.md (llama-cpp-python)", "exec"), ns)
     llm = ns["llm"]
     try:
-        ids = [llm.tokenize(unicodedata.normalize("NFC", t).encode("utf-8")) for t in texts]
+        nfc = (lambda t: t) if variant == "plain" else (lambda t: unicodedata.normalize("NFC", t))
+        ids = [llm.tokenize(nfc(t).encode("utf-8")) for t in texts]
         return ids, ns["embed"](llm, texts)
     finally:
         llm.close()
@@ -233,16 +251,21 @@ def check_llama_cpp(args, model, out: Path) -> list[Variant]:
     texts = [p for _, p in named]
     ours_ids, ours = jina_v4_run(model, args.task)
     f32 = convert(converter, args.converter_python, export_dir, "f32", out / "model-f32.gguf")
-    ggufs = [("f32 GGUF, f32 KV cache", f32, "f32-kv", True), ("f32 GGUF, default KV cache", f32, "default-kv", False)]
+    # (name, GGUF, snippet variant, bounded by --tol, ids must equal jina_v4's)
+    ggufs = [("f32 GGUF, f32 KV cache", f32, "as-told", True, True)]
+    ggufs.append(("f32 GGUF, default KV cache", f32, "default-kv", False, True))
     if "q8_0" in args.quant:
         q8 = convert(converter, args.converter_python, export_dir, "q8_0", out / "model-q8_0.gguf")
-        ggufs.append(("q8_0 GGUF, f32 KV cache", q8, "f32-kv", False))
+        ggufs.append(("q8_0 GGUF, f32 KV cache", q8, "as-told", False, True))
     if "q4_k_m" in args.quant:
-        ggufs.append(("q4_k_m GGUF, f32 KV cache", quantize(f32, out / "model-q4_k_m.gguf"), "f32-kv", False))
+        ggufs.append(("q4_k_m GGUF, f32 KV cache", quantize(f32, out / "model-q4_k_m.gguf"), "as-told", False, True))
+    if args.without_rules:
+        ggufs.append(("f32 GGUF, n_ubatch 512", f32, "ubatch-512", False, False))
+        ggufs.append(("f32 GGUF, plain Llama.embed (no NFC, no special tokens)", f32, "plain", False, False))
     variants = []
-    for name, path, kv, bounded in ggufs:
-        v = Variant(name, bounded)
-        ids, vectors = llama_cpp_run(path, texts, kv)
+    for name, path, kind, bounded, told in ggufs:
+        v = Variant(name, bounded, told=told)
+        ids, vectors = llama_cpp_run(path, texts, kind)
         for (probe, _), oi, o, ti, t in zip(named, ours_ids, ours, ids, vectors):
             v.rows.append(compare(probe, name, oi, o, ti, t))
         variants.append(v)
@@ -283,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", nargs="*", default=["q8_0", "q4_k_m"], choices=["q8_0", "q4_k_m"])
     ap.add_argument("--tol", type=float, default=TOL, help=f"bound on the f32 GGUF's max abs difference ({TOL})")
     ap.add_argument("--work", type=Path, help="keep the export and GGUFs here (a new or empty directory)")
+    ap.add_argument(
+        "--without-rules", action="store_true", help="also measure n_ubatch 512 and a plain Llama.embed (no NFC, ...)"
+    )
     ap.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = ap.parse_args(argv)
 

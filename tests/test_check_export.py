@@ -60,6 +60,8 @@ def test_compare_report_and_verdict():
     other_ids = Variant("q8", False, [Row("special-token", "q8", 9, False, 0.78, 0.3)])
     assert verdict([other_ids], 1e-6) == ["special-token (q8): the engine's token ids differ from jina_v4's"]
     assert "FAIL: special-token (q8)" in report([exact, other_ids], 1e-6)
+    plain = Variant("plain", False, [Row("nfd", "plain", 9, False, 0.61, 0.5)], told=False)
+    assert verdict([exact, plain], 1e-6) == [] and "(not as told)" in report([plain], 1e-6)
 
 
 def test_converter_discovery(tmp_path, monkeypatch):
@@ -147,6 +149,11 @@ def test_readme_snippet_tells_the_engine_what_jina_v4_does(tmp_path, monkeypatch
     assert s["n_ctx"] == s["n_batch"] == s["n_ubatch"] == ex.CONTEXT <= ex.MAX_TEXT_TOKENS
     exec(check_export.engine_snippet(tmp_path / "m.gguf", "default-kv"), ns)
     assert "type_k" not in ns["llm"].settings and ns["llm"].settings["n_ubatch"] == ex.CONTEXT
+    exec(check_export.engine_snippet(tmp_path / "m.gguf", "ubatch-512"), ns)
+    assert ns["llm"].settings["n_ubatch"] == 512 and ns["llm"].settings["n_batch"] == ex.CONTEXT
+    StandIn.calls = []
+    check_export.llama_cpp_run(tmp_path / "m.gguf", [nfd], "plain")  # Llama itself: no NFC, special tokens off
+    assert StandIn.calls[1:] == [(nfd, True, False)] * 2
 
 
 def test_readme_nfc_command_normalises(tmp_path):

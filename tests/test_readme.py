@@ -33,6 +33,7 @@ NORUN = {
     "hub": "downloads from the hub or the web",
     "cluster": "needs a Ray cluster or shared storage",
     "long": "minutes of CPU at full width",
+    "engine": "needs llama-cpp-python (built from source) or vLLM",
 }
 HUB_ID = "jinaai/jina-embeddings-v4"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

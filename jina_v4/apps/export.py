@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.processing import MAX_TEXT_TOKENS
 from .common import atomic_write
 
 TOKENIZER_FILES = (
@@ -126,7 +127,7 @@ def text_config(model, source: dict, dtype: torch.dtype) -> dict:
         "num_attention_heads": t.num_attention_heads,
         "num_key_value_heads": t.num_key_value_heads,
         "hidden_act": t.hidden_act,
-        "max_position_embeddings": raw.get("max_position_embeddings", 128000),
+        "max_position_embeddings": MAX_TEXT_TOKENS,  # jina_v4 reads at most this many tokens (not Qwen's 128000)
         "rms_norm_eps": t.rms_norm_eps,
         "rope_theta": t.rope_theta,
         "rope_scaling": None,
@@ -169,21 +170,144 @@ final hidden states of every token (a pooling runner that keeps all token states
   normalize(h @ weight.T + bias), over all tokens of the input.
 
 The prefixes above are this task's (`query`: {t.query!r}, `passage`: {t.passage!r}).
+
+Limits and text handling: jina_v4 reads at most {MAX_TEXT_TOKENS} tokens of a text (cut on the right): start
+the engine with `max_model_len={MAX_TEXT_TOKENS}` (config.json keeps Qwen2.5-VL's `max_position_embeddings`,
+128000). The engine's tokenizer is the `tokenizer.json` beside the weights, as jina_v4's: it NFC-normalises
+texts and reads special tokens typed in a text (`<|im_end|>`) as those tokens, as jina_v4 does; do not add
+special tokens (no BOS, EOS or chat template).
 """
 
 
+# How llama.cpp users embed a text as jina_v4 does. README.md of a text export shows these verbatim, and
+# scripts/check_export.py runs them (GGUF_NAME replaced by the file it converted).
+GGUF_NAME = "model-f32.gguf"
+CONTEXT = 8192  # the context the instructions use: jina_v4 reads at most MAX_TEXT_TOKENS (32768)
+CONVERT = f"python convert_hf_to_gguf.py EXPORT_DIR --outfile {GGUF_NAME} --outtype f32"
+LLAMA_CPP_PYTHON = f"""import unicodedata
+
+import llama_cpp
+
+
+class JinaLlama(llama_cpp.Llama):
+    # jina_v4 reads special tokens typed in a text (<|im_end|>) as those tokens; Llama.embed does not by default
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True):
+        return super().tokenize(text, add_bos, special)
+
+
+def embed(llm, texts):
+    # the prefix typed by the caller; NFC as jina_v4's tokenizer does (llama.cpp does not); mean pooling; L2
+    return llm.embed([unicodedata.normalize("NFC", t) for t in texts], normalize=True)
+
+
+llm = JinaLlama(
+    "{GGUF_NAME}",
+    embedding=True,
+    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+    n_ctx={CONTEXT},  # the longest text in tokens, up to 32768 (jina_v4's limit)
+    n_batch={CONTEXT},  # a text is embedded in one batch: n_batch and n_ubatch at least its tokens
+    n_ubatch={CONTEXT},
+    type_k=llama_cpp.GGML_TYPE_F32,  # an f32 KV cache: fp32 parity; the default f16 moves vectors by ~1e-4
+    type_v=llama_cpp.GGML_TYPE_F32,
+    verbose=False,
+)
+vectors = embed(llm, ["Query: Overview of climate change impacts on coastal cities"])
+"""
+QUANTIZE = f"""import llama_cpp
+
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+assert llama_cpp.llama_model_quantize(b"{GGUF_NAME}", b"model-q4_k_m.gguf", params) == 0
+"""
+NFC_SHELL = 'python3 -c \'import sys, unicodedata; print(unicodedata.normalize("NFC", sys.stdin.read()), end="")\''
+LLAMA_EMBEDDING = (
+    f"{NFC_SHELL} < texts.txt > texts-nfc.txt\n"
+    f"llama-embedding -m {GGUF_NAME} --pooling mean --embd-normalize 2 -c {CONTEXT} -b {CONTEXT} -ub {CONTEXT} "
+    "-ctk f32 -ctv f32 -fa off --embd-separator '<#sep#>' --embd-output-format json -f texts-nfc.txt"
+)
+LLAMA_SERVER = (
+    f"llama-server -m {GGUF_NAME} --embedding --pooling mean -c {CONTEXT} -b {CONTEXT} -ub {CONTEXT} "
+    "-ctk f32 -ctv f32 -fa off --port 8080"
+)
+
+
 def text_readme(model, task: str, source: str) -> str:
+    t = model.config.text_config
     return f"""# jina-embeddings-v4, task `{task}`, text only
 
 Exported by `jina-v4 export --format text` from `{source}`: a Qwen2 checkpoint (`Qwen2ForCausalLM`, vision
 tower dropped) with the `{task}` LoRA merged into every decoder layer, for llama.cpp's `convert_hf_to_gguf.py`.
+It reads at most {MAX_TEXT_TOKENS} tokens (config.json's `max_position_embeddings`), as jina_v4 does.
 
-Prompt rule, typed by the user before every text: {prompt_rule(model, task)}.
-Nothing else is added: no BOS or EOS token, no chat template.
+## The rules jina_v4 applies, which the engine must be told
 
-Pooling: the mean of all tokens' final hidden states (the prefix included), then L2-normalise; Matryoshka: the
-first d components ({", ".join(map(str, model.config.matryoshka_dims))}), L2-normalised again. With llama.cpp:
-`--embedding --pooling mean --embd-normalize 2`.
+- Prompt rule, typed by the user before every text: {prompt_rule(model, task)}.
+  Nothing else is added: no BOS or EOS token, no chat template.
+- Unicode NFC: jina_v4's tokenizer normalises every text to NFC; llama.cpp does not. NFC-normalise each text
+  before the engine (`unicodedata.normalize("NFC", text)`), or "Café" written with a combining accent gets
+  other tokens and another vector.
+- Special tokens typed in a text (`<|im_end|>`, `<|endoftext|>`, ...) are read as those single tokens by jina_v4
+  (as by the released model's tokenizer). `llama-embedding` and `llama-server` do the same; llama-cpp-python's
+  `Llama.embed` does not unless told to (the `JinaLlama` class below).
+- Pooling: the mean of all tokens' final hidden states (the prefix included), then L2-normalise; Matryoshka:
+  the first d components ({", ".join(map(str, model.config.matryoshka_dims))}), L2-normalised again. The GGUF
+  has no pooling type: say `mean`. Each text must be embedded in one batch (batch and micro-batch sizes at
+  least its tokens): llama.cpp pools each micro-batch on its own.
+- Context: set it (here {CONTEXT}; at most {MAX_TEXT_TOKENS}). Without one llama.cpp allocates the whole
+  `max_position_embeddings`.
+
+## Convert
+
+llama.cpp's `convert_hf_to_gguf.py` with its `gguf-py` (a llama.cpp checkout, or `vendor/llama.cpp` in the
+llama-cpp-python source distribution). It needs Python packages `torch`, `numpy`, `transformers` (llama.cpp pins
+4.57.6; 4.52.4 converted this layout with llama-cpp-python 0.3.36's copy) and `sentencepiece` (imported by the
+Qwen2 converter even for this BPE tokenizer; 0.2.3 tried, with protobuf 7.36.2 present), and recognises
+Qwen2's tokenizer by its output (a checkpoint with another tokenizer is refused:
+"BPE pre-tokenizer was not recognized"); EXPORT_DIR is this folder:
+
+```bash
+{CONVERT}   # or f16, bf16, q8_0
+```
+
+q4_k_m: `llama-quantize {GGUF_NAME} model-q4_k_m.gguf Q4_K_M`, or from Python:
+
+```python
+{QUANTIZE}```
+
+## Embed with llama-cpp-python
+
+```python
+{LLAMA_CPP_PYTHON}```
+
+## Embed with llama-embedding
+
+`texts.txt` holds the texts, prefixes typed, separated by `<#sep#>` (without `--embd-separator` each line is
+embedded on its own):
+
+```bash
+{LLAMA_EMBEDDING}
+```
+
+`--embedding` is a `llama-server` flag: `llama-embedding` refuses it. Ignore its warnings "last token in the
+prompt is not SEP or EOS" and "'tokenizer.ggml.add_eos_token' should be set to 'true'": jina_v4 adds no EOS, and
+adding one changes every vector. Ignore too "model default pooling_type is [-1], but [1] was specified" (any
+program): the GGUF carries no pooling type, and mean is the one to specify.
+
+## Serve with llama-server
+
+```bash
+{LLAMA_SERVER}
+```
+
+POST `/v1/embeddings` with `{{"input": ["Query: ..."]}}` returns L2-normalised vectors; NFC-normalise the texts
+first. The server reads special tokens typed in a text, as jina_v4 does.
+
+## Numerics
+
+An f32 GGUF with an f32 KV cache and flash attention off gives jina_v4's fp32 vectors within about 1e-6;
+llama.cpp's defaults (f16 KV cache, flash attention where available) move them by about 1e-4; q8_0 and q4_k_m
+weights move them more (`scripts/check_export.py` in the jina_v4 repository measures all of these). Hidden size
+{t.hidden_size}, {t.num_hidden_layers} layers.
 """
 
 

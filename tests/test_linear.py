@@ -3,8 +3,15 @@ by counting the work (each read of an Encoding's per-token lists builds a whole 
 is quadratic), and by running sizes far past the old trouble under deadlines a hundred times above what they take
 now and a hundred times below what the quadratic path took (a 680 KB text: about four hours)."""
 
-import pytest
+import json
+import time
+import warnings
 
+import numpy as np
+import pytest
+import torch
+
+from test_cli import run
 from test_properties import processors  # noqa: F401 (a fixture)
 
 LISTS = ("ids", "offsets", "word_ids", "tokens", "type_ids", "attention_mask", "special_tokens_mask")
@@ -95,3 +102,65 @@ def test_a_word_across_the_cut_keeps_the_whole_texts_tokens(processors, which): 
         inside += item.cut > 0 and item.offsets[-1][1] > len(head) + 1  # kept tokens of the long word
         whole += item.cut == 0
     assert inside >= 5 and whole >= 5, (inside, whole)  # both ways were taken: cut in the word, and tokenized whole
+
+
+def test_many_short_texts_are_tokenized_once_each(counting):
+    """10,000 short texts: one batch call to the tokenizer, no text tokenized again, two list reads per text."""
+    p, tokenizer = counting
+    calls = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda text, **kw: calls.append(text) or encode(text, **kw)
+    items = p.tokenize([f"Query: text number {i}" for i in range(10_000)])
+    assert len(items) == 10_000 and calls == [] and len(tokenizer.reads) == 2 * 10_000
+
+
+DEADLINE = 120  # seconds; each takes a few on 2 loaded cores, where the quadratic path took hours (NOTES.md)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        lambda: ["the sea rises along the coast; " * 260_000],  # 8 MB of words
+        lambda: ["a" * 30_000_000],  # one word of 30 MB
+        lambda: [f"text number {i}" for i in range(100_000)],  # 100 k short texts
+    ],
+    ids=["8MB-of-words", "30MB-word", "100k-texts"],
+)
+def test_long_and_many_inputs_prepare_in_seconds(models, inputs):
+    model, inputs = models("gqa2-sharded"), inputs()
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long texts' warning: tokens past max_length were dropped
+        items = model.prepare(inputs, task="retrieval")
+    elapsed = time.monotonic() - start
+    assert elapsed < DEADLINE, f"{elapsed:.1f} s"
+    first = model.processor.tokenizer.encode("Query: " + inputs[0][:100_000])
+    assert len(items) == len(inputs) and items[0].input_ids == first.ids[: len(items[0].input_ids)]
+
+
+@pytest.fixture(scope="module")
+def long_line():
+    """A 2 MB line of words."""
+    return "the sea rises along the coast and the city moves inland, " * 36_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_embed_input_with_a_2mb_line(checkpoints, models, tmp_path, long_line, suffix):
+    """jina-v4 embed --input: a corpus whose one line is 2 MB (a text file, and a JSONL text field) gives, bit for
+    bit (--deterministic), the vectors model.encode_text gives the same texts cut the same way, within a wide
+    deadline."""
+    path = tmp_path / f"corpus{suffix}"
+    lines = [json.dumps({"text": t}) for t in (long_line, "short")] if suffix == ".jsonl" else [long_line, "short"]
+    path.write_text("\n".join(lines) + "\n")
+    ckpt, o = checkpoints["gqa4-single"], tmp_path / "o.npy"
+    start = time.monotonic()
+    out = run("embed", "--input", path, "--model", ckpt, "--max-length", 512, "--deterministic", "-o", o)
+    elapsed = time.monotonic() - start
+    assert elapsed < DEADLINE, f"{elapsed:.1f} s"
+    assert "at least" in out.stderr and "tokens past max_length=512 were dropped" in out.stderr
+    with pytest.warns(UserWarning, match="tokens past max_length=512"):
+        expected = models("gqa4-single").encode_text(
+            [long_line, "short"], task="retrieval", max_length=512, deterministic=True
+        )
+    assert torch.equal(torch.from_numpy(np.load(o)), expected)

@@ -231,6 +231,7 @@ def test_the_dtype_and_why_once(checkpoints, native, dtype, line):
         (["embed", "x", "--truncate-dim", "7"], "truncate_dim=7 is not one of the Matryoshka dims"),
         (["embed", "x", "--task", "search"], "unknown task 'search'"),
         (["embed", "x", "-o", "out.csv"], "out.csv: the output must end in .npy, .safetensors or .jsonl"),
+        (["embed", "x", "--max-length", "0"], "--max-length must be positive, got 0"),
         (["embed", "x", "--device", "cuda"], "no CUDA device"),
         (["score", "q"], "no documents"),
         (["heatmap", "q", "/no/such.png"], "No such file"),

@@ -51,6 +51,8 @@ def embed(args) -> None:
     sharded = out is not None and (out.endswith("/") or Path(out).is_dir() or not Path(out).suffix)
     if out and not sharded and not out.endswith(SUFFIXES):
         raise CLIError(f"{out}: the output must end in .npy, .safetensors or .jsonl, or name a directory")
+    if args.max_length is not None and args.max_length < 1:
+        raise CLIError(f"--max-length must be positive, got {args.max_length}")
     fields = ("id", args.text_field, "image")
     rows = corpus.read(args.texts, args.input, args.image, fields, args.on_error, stdin=not args.image)
     if not rows:
@@ -65,6 +67,7 @@ def embed(args) -> None:
         "multivector": args.multivector,
         "truncate_dim": args.truncate_dim,
         "max_pixels": args.max_pixels,
+        "max_length": args.max_length,
         "deterministic": args.deterministic,
     }
     job = Job(model, rows, settings, args.batch_size, args.on_error, args.quiet)
@@ -327,6 +330,11 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default="query", choices=["query", "passage"])
     p.add_argument("--truncate-dim", type=int, help="Matryoshka dimension of the single vectors")
     p.add_argument("--multivector", action="store_true", help="128-d vectors per token instead of one vector")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens kept of a text, cut on the right (default and most: 32768, the model's)",
+    )
     p.add_argument(
         "-o",
         "--output",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..model.heads import head_for
+from ..model.processing import MAX_TEXT_TOKENS
 from ..pipeline import encode
 from .common import atomic_write, error_policy, json_line, write_jsonl
 from .corpus import Row, name
@@ -35,7 +36,7 @@ class JobError(Exception):
 class Job:
     model: object
     rows: list[Row]  # corpus.read: every input, bad rows of the reader included, by global index
-    settings: dict  # prompt_name, multivector, truncate_dim, max_pixels (and, for the manifest, model and task)
+    settings: dict  # prompt_name, multivector, truncate_dim, max_pixels, max_length; model and task: the manifest's
     batch_size: int | None = None
     on_error: str = "fail"
     quiet: bool = False
@@ -48,7 +49,12 @@ class Job:
         rows = self.rows[start:stop]
         good = [r for r in rows if r.error is None]
         items = model.prepare(
-            [r.input for r in good], model.task, s["prompt_name"], max_pixels=s["max_pixels"], errors="return"
+            [r.input for r in good],
+            model.task,
+            s["prompt_name"],
+            s["max_length"] or MAX_TEXT_TOKENS,
+            s["max_pixels"],
+            errors="return",
         )
         head = head_for(s["multivector"], s["truncate_dim"], model.config.matryoshka_dims)
         with torch.inference_mode():
@@ -174,7 +180,7 @@ def run_to_shards(job: Job, directory: Path, suffix: str, shard_size: int, repor
     skip_file = [s.with_name(s.stem + ".skipped.jsonl") for s in shard]
     todo = [k for k in range(n) if not shard[k].exists()]
     size = [min(shard_size, len(job.rows) - k * shard_size) for k in range(n)]
-    done = sum(size[k] for k in range(n) if k not in todo)
+    done = sum(size) - sum(size[k] for k in todo)
     with job.progress(done) as bar:
         for k in todo:
             start, stop = k * shard_size, min((k + 1) * shard_size, len(job.rows))

@@ -33,7 +33,7 @@ from ray.data.block import BlockAccessor
 from ..model import JinaV4
 from ..model.heads import head_for
 from ..model.loading import CONFIG_FILES, read_configs, resolve
-from ..model.processing import preview
+from ..model.processing import MAX_TEXT_TOKENS, preview
 from ..pipeline import collect, encode
 from . import corpus
 from .common import error_policy, write_jsonl
@@ -58,6 +58,7 @@ class Embedder:
         multivector: bool = False,
         truncate_dim: int | None = None,
         max_pixels: int | None = None,
+        max_length: int | None = None,
         dtype: str | None = None,
         device: str | None = None,
         on_error: str = "fail",
@@ -73,6 +74,7 @@ class Embedder:
         self.model = JinaV4.from_pretrained(model, device=device, dtype=dtype)
         self.model.task = task
         self.prompt_name, self.max_pixels, self.on_error = prompt_name, max_pixels, on_error
+        self.max_length = max_length or MAX_TEXT_TOKENS
         self.head = head_for(multivector, truncate_dim, self.model.config.matryoshka_dims)
         self.dim = truncate_dim or self.model.config.text_config.hidden_size
         self.batch_size, self.deterministic = batch_size, deterministic
@@ -85,7 +87,7 @@ class Embedder:
         texts, images = cols.get(self.text_column, none), cols.get(self.image_column, none)
         inputs = [{"text": t} if i is None else {"image": i} for t, i in zip(texts, images)]
         items = self.model.prepare(
-            inputs, self.model.task, self.prompt_name, max_pixels=self.max_pixels, errors="return"
+            inputs, self.model.task, self.prompt_name, self.max_length, self.max_pixels, errors="return"
         )
         for j, (t, i) in enumerate(zip(texts, images)):
             if t is not None and i is not None or t is None and i is None:
@@ -305,6 +307,7 @@ def run(args) -> None:
             multivector=args.multivector,
             truncate_dim=args.truncate_dim,
             max_pixels=args.max_pixels,
+            max_length=args.max_length,
             dtype=args.dtype,
             device=args.device,
             on_error=args.on_error,

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
+from tokenizers.models import BPE
 
 from .config import ConfigError, JinaV4Config, PreprocessorConfig, Task, TokenizerConfig, read_json
 from .images import ImageInput, image_patches, load_image
@@ -130,6 +131,7 @@ class Processor:
         v = config.vision_config
         self.window = v.window_size // v.spatial_merge_size // v.patch_size  # in merge units
         self.token_chars = max(map(len, tokenizer.get_vocab(with_added_tokens=True)))  # byte-level: the most bytes
+        self._joined: tuple[Tokenizer | None, set | None] = (None, None)  # joined(): for this tokenizer
         self.image_prompt = self.tokenize([IMAGE_PROMPT])[0].input_ids
 
     @classmethod
@@ -158,12 +160,26 @@ class Processor:
         ends = [cut_point(p, (n + 2) * self.token_chars) for p in prompts]
         cut = self.tokenizer.encode_batch([p[:end] for p, end in zip(prompts, ends)], add_special_tokens=True)
         for p, end, e in zip(prompts, ends, cut):
-            kept = settled(e, end - self.token_chars) if end < len(p) else len(e.ids)
-            if kept < n:  # a word the cut may change reaches into the first n tokens
+            kept = settled(e, end - self.token_chars, self.joined()) if end < len(p) else len(e)
+            if kept < n and end < len(p):  # a word the cut may change reaches into the first n tokens
                 e, end = self.tokenizer.encode(p, add_special_tokens=True), len(p)
-            dropped = len(e.ids) - n if end == len(p) else kept + 1 - n  # a cut text: at least one more token
-            items.append(Item(e.ids[:n], task, dropped=max(0, dropped), offsets=e.offsets[:n], cut=len(p) - end))
+            dropped = len(e) - n if end == len(p) else kept + 1 - n  # a cut text: at least one more token
+            ids = e.ids  # each read of an Encoding's list builds the whole list anew: once per text
+            items.append(Item(ids[:n], task, dropped=max(0, dropped), offsets=e.offsets[:n], cut=len(p) - end))
         return items
+
+    def joined(self) -> set | None:
+        """The pairs of characters that sit side by side in some token of the BPE vocabulary (built on first use):
+        no merge crosses a token boundary between any other two. None for a tokenizer this does not hold for."""
+        if self._joined[0] is not self.tokenizer:
+            m = self.tokenizer.model
+            plain = isinstance(m, BPE) and not (m.dropout or m.continuing_subword_prefix or m.end_of_word_suffix)
+            vocab = self.tokenizer.get_vocab(with_added_tokens=False) if plain else None
+            self._joined = (
+                self.tokenizer,
+                None if vocab is None else {(a, b) for t in vocab for a, b in zip(t, t[1:])},
+            )
+        return self._joined[1]
 
     def image_item(self, image: ImageInput, task: str, max_pixels: int | None = None) -> Item:
         pixels, grid = image_patches(load_image(image), self.image_cfg, max_pixels)
@@ -299,14 +315,19 @@ def cut_point(text: str, k: int) -> int:
     return len(text)
 
 
-def settled(encoding, limit: int) -> int:
-    """The leading tokens of the words (pre-tokens) that end by character `limit`: a word ends where the next one
-    starts, and the reported start of a word's first token is never before its true start."""
+def settled(encoding, limit: int, joined: set | None = None) -> int:
+    """The leading tokens of a cut text that are the whole text's: those of the words (pre-tokens) that end by
+    character `limit` (a word ends where the next one starts, and the reported start of a word's first token is
+    never before its true start) and, in the word after them, those before a boundary that no merge can cross
+    (`joined`: Processor.joined) and that starts by `limit`: BPE treats the two sides of it apart."""
+    words, offsets, tokens = encoding.word_ids, encoding.offsets, encoding.tokens  # each read builds a new list
     kept = 0
-    for j, (word, (start, _)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+    for j, (start, _) in enumerate(offsets):
         if start > limit:
             break
-        if j == 0 or word is None or word != encoding.word_ids[j - 1]:
+        if j == 0 or words[j] is None or words[j] != words[j - 1]:
+            kept = j
+        elif joined is not None and (tokens[j - 1][-1], tokens[j][0]) not in joined:
             kept = j
     return kept
 

@@ -1,11 +1,13 @@
 """Late interaction (MaxSim), late chunking, similarity maps and the research hooks."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from jina_v4 import encode_chunks, similarity_map
-from jina_v4.apps.chunking import anchors, chunk_token_mask, sentence_spans, token_chunks
+from jina_v4.apps.chunking import anchors, chunk_rows, sentence_spans, token_chunks
 from jina_v4.apps.scoring import maxsim, pad_multivectors
 
 from conftest import padded_hidden_states
@@ -93,7 +95,30 @@ def test_chunkers():
     assert anchor == [-1, 0, 4, 7, 10, 10, 12]  # prefix; "abc" begins in the prefix; leading spaces skipped
     assert token_chunks(anchor, 2, 15) == [(0, 7), (7, 10), (10, 15)]  # the 🚀 goes whole to the later group
     assert token_chunks(anchor, 4, 15) == [(0, 10), (10, 15)]  # a group boundary never splits the 🚀
-    assert chunk_token_mask(anchor, [(0, 5), (5, 15)]).tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+    assert [g.tolist() for g in chunk_rows(anchor, [(0, 5), (5, 15), (3, 11), (13, 15)])] == [
+        [1, 2],
+        [3, 4, 5, 6],
+        [2, 3, 4, 5],
+        [],
+    ]
+
+
+def test_chunk_rows_match_the_rule_and_stay_linear():
+    """chunk_rows equals the rule read directly (a token is in the span holding its anchor), for shuffled,
+    overlapping and empty spans; and a million sentence spans over 32,768 tokens take seconds and no
+    (chunks, tokens) mask: the memory of a mask would be 32 GB."""
+    g = torch.Generator().manual_seed(0)
+    anchor = sorted(torch.randint(-1, 500, (300,), generator=g).tolist())
+    spans = [tuple(sorted(torch.randint(0, 520, (2,), generator=g).tolist())) for _ in range(200)]
+    for (a, b), rows in zip(spans, chunk_rows(anchor, spans)):
+        assert rows.tolist() == [i for i, x in enumerate(anchor) if a <= x < b]
+    text = "A short sentence. " * 1_000_000  # 18 MB, a million sentences
+    spans = sentence_spans(text)
+    anchor = [i * 18 for i in range(32_768)]  # one token a sentence, as far as the cut keeps
+    start = time.monotonic()
+    rows = chunk_rows(anchor, spans)
+    assert time.monotonic() - start < 120  # a mask would allocate 32 GB here (and fail or swap for hours)
+    assert len(rows) == 1_000_000 and rows[5].tolist() == [5] and len(rows[-1]) == 0
 
 
 def anchor_of(text, a, b):

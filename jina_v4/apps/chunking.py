@@ -57,15 +57,21 @@ def token_chunks(anchor: list[int], budget: int, end: int) -> list[tuple[int, in
     return list(zip(starts, starts[1:] + [end]))
 
 
-def chunk_token_mask(anchor: list[int], spans: list[tuple[int, int]]) -> torch.Tensor:
-    """(chunks, tokens) bool: a token belongs to the chunk whose span holds its anchor."""
-    at = torch.tensor(anchor)
-    return torch.stack([(at >= a) & (at < b) for a, b in spans])
+def chunk_rows(anchor: list[int], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each chunk's token rows, ascending: the tokens whose anchor its span holds. Two binary searches a span over
+    the anchors in order, so the cost is (tokens + chunks) x log(tokens) plus the rows returned; a (chunks, tokens)
+    mask would take 32 GB for a million sentences of a long text."""
+    at = torch.tensor(anchor, dtype=torch.long)
+    order = torch.argsort(at, stable=True)  # anchors ascending, rows ascending among equal anchors
+    bounds = torch.tensor(spans, dtype=torch.long).reshape(-1, 2)
+    first = torch.searchsorted(at[order], bounds[:, 0].contiguous()).tolist()  # first anchor >= the span's start
+    last = torch.searchsorted(at[order], bounds[:, 1].contiguous()).tolist()  # first anchor >= its end
+    return [order[a:b].sort().values for a, b in zip(first, last)]
 
 
 def chunk_spans(text: str, chunks, anchor: list[int], end: int):
     """The chunks' character spans ("sentences", an int token budget, or the caller's (start, end) spans) and
-    their (C, L) token membership."""
+    each chunk's token rows."""
     if chunks == "sentences":
         spans = sentence_spans(text)
     elif isinstance(chunks, int):
@@ -77,7 +83,7 @@ def chunk_spans(text: str, chunks, anchor: list[int], end: int):
                 raise ValueError(f"chunk span ({a}, {b}) is not a non-empty range inside the text")
     if not spans:
         raise ValueError("the text holds no chunk to embed")
-    return spans, chunk_token_mask(anchor, spans)
+    return spans, chunk_rows(anchor, spans)
 
 
 class EmptyChunk(ValueError):
@@ -105,8 +111,8 @@ def chunk_item(model, text: str, chunks, task: str | None, prompt_name: str, max
     item = model.prepare([{"text": text}], task, prompt_name, max_length, name="text")[0]
     prefix = model.tasks[item.task].prompt("", prompt_name)
     offsets = [(a - len(prefix), b - len(prefix)) for a, b in item.offsets]  # of `text`; the prefix's are negative
-    spans, mask = chunk_spans(text, chunks, anchors(text, offsets), offsets[-1][1])
-    return item, spans, [m.nonzero().flatten() for m in mask]
+    spans, groups = chunk_spans(text, chunks, anchors(text, offsets), offsets[-1][1])
+    return item, spans, groups
 
 
 def check_chunks(spans: list[tuple[int, int]], groups: list, max_length: int) -> None:

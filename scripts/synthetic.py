@@ -21,7 +21,7 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,21 +141,7 @@ DEMO = Tiny(
 
 # The demo with Qwen's real tokenizer and vocabulary: what llama.cpp's converter needs (it recognises Qwen2's
 # pre-tokenizer by its output), for trying `jina-v4 export --format text` and scripts/check_export.py offline.
-DEMO_QWEN = Tiny(
-    "demo-qwen",
-    hidden=256,
-    heads=4,
-    kv_heads=2,
-    intermediate=512,
-    mrope=(8, 12, 12),
-    proj_dim=128,
-    r=8,
-    alpha=8,
-    matryoshka=(128, 256),
-    shards=0,
-    vocab=151936,
-    tokenizer="qwen",
-)
+DEMO_QWEN = replace(DEMO, name="demo-qwen", shards=0, vocab=151936, tokenizer="qwen")
 
 CONFIGS = [
     Tiny("gqa2-sharded", mrope=(2, 4, 2)),  # height and width sections differ (so do r and alpha: 4, 8)

@@ -32,13 +32,14 @@ SPEED_RUNS = 25  # requests per client when timing throughput: text requests onl
 def start(ckpt, log, *args):
     """The console script serving `ckpt` on a free port; -> (process, base URL)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [SCRIPT, "serve", "--model", str(ckpt), "--port", "0", "--log-level", "warning"]
+    return launch([*cmd, *map(str, args)], log, env)
+
+
+def launch(cmd, log, env):
+    """Start `cmd`, a server printing its URL to `log`, and wait until its /health answers; -> (process, URL)."""
     with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [SCRIPT, "serve", "--model", str(ckpt), "--port", "0", "--log-level", "warning", *map(str, args)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         found = re.search(r"on (http://127\.0\.0\.1:\d+) ", open(log).read())

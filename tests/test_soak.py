@@ -15,9 +15,7 @@ import io
 import json
 import os
 import random
-import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +26,7 @@ import torch
 from PIL import Image
 
 from test_serve import call, floats, offline, png
-from test_serve_load import rss_mb
+from test_serve_load import launch, rss_mb
 
 pytestmark = pytest.mark.slow
 
@@ -111,16 +109,7 @@ def start(ckpt, log, *args):
     """The server with its fault injected, on a free port; -> (process, base URL)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # set: no re-exec, the patch holds
     cmd = [sys.executable, "-c", LAUNCH, "serve", "--model", str(ckpt), "--port", "0", "--log-level", "error"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+) ", open(log).read())
-        if found and call(found[1] + "/health", timeout=10)[0] == 200:
-            return proc, found[1]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"the server did not start: {open(log).read()}")
+    return launch([*cmd, *map(str, args)], log, env)
 
 
 def decode(body, out):

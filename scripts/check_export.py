@@ -14,6 +14,11 @@ jina_v4 on every input; 1 when not; 2 when something needed is missing (llama-cp
 a GPU), saying what. `--engine vllm` needs vLLM and a GPU; it says so and exits 2 where they are absent.
 The other variants (llama.cpp's default f16 KV cache, q8_0, q4_k_m) are measured and reported, not bounded: on a
 random checkpoint their drift is numerics, not retrieval quality.
+
+llama.cpp's programs `llama-embedding` and `llama-server`, where found (--llama-bin DIR, else PATH), run README.md's
+commands as written on each GGUF (texts.txt and the port substituted, as README.md tells users) and are compared
+the same way, each its own section of the report; the f32 GGUF with README.md's f32 KV flags is held to --tol.
+Where they are not found the report says so and they are skipped. A README command that fails as written exits 1.
 """
 
 from __future__ import annotations
@@ -24,9 +29,15 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import unicodedata
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +61,15 @@ PROBES = [
     ("long", "passage", LONG),
 ]
 TOL = 1e-6  # f32 GGUF, f32 KV cache against jina_v4 fp32: see NOTES.md ("Exports for vLLM and llama.cpp")
+PROGRAM_TIMEOUT = 600  # seconds: one llama-embedding run, a llama-server start or one request
 
 
 class Missing(Exception):
     """Something the check needs is not here (exit status 2)."""
+
+
+class Refused(Exception):
+    """A README command did not work as written (exit status 1)."""
 
 
 @dataclass
@@ -229,6 +245,170 @@ def quantize(f32: Path, out: Path) -> Path:
     return out
 
 
+def find_program(name: str, llama_bin: Path | None) -> Path | None:
+    """llama.cpp's program `name`: in --llama-bin DIR when given, else on PATH; None when not found."""
+    if llama_bin is not None:
+        path = Path(llama_bin) / name
+        return path if path.is_file() and os.access(path, os.X_OK) else None
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def separator() -> str:
+    """The separator README.md's llama-embedding command gives `--embd-separator`."""
+    from jina_v4.apps.export import LLAMA_EMBEDDING
+
+    argv = shlex.split(LLAMA_EMBEDDING.splitlines()[-1])
+    return argv[argv.index("--embd-separator") + 1]
+
+
+def _tail(text: str, n: int = 12) -> str:
+    return "\n".join((text or "").strip().splitlines()[-n:])
+
+
+def parse_embedding_json(stdout: str, count: int) -> list[list[float]]:
+    """The vectors of llama-embedding's `--embd-output-format json` ({"object": "list", "data": [{"index": i,
+    "embedding": [...]}, ...]}), in index order; anything else on stdout before it (a verbose prompt) skipped."""
+    start = stdout.find('{\n  "object": "list"')
+    if start < 0:
+        raise Refused(f"llama-embedding printed no JSON list of embeddings on stdout:\n{_tail(stdout)}")
+    try:
+        doc, _ = json.JSONDecoder().raw_decode(stdout[start:])
+        data = sorted(doc["data"], key=lambda d: d["index"])
+        vectors = [[float(x) for x in d["embedding"]] for d in data]
+    except (ValueError, KeyError, TypeError) as e:
+        raise Refused(f"llama-embedding's JSON is not a list of embeddings ({e}):\n{_tail(stdout[start:])}") from None
+    if len(vectors) != count:
+        raise Refused(f"llama-embedding gave {len(vectors)} embeddings for {count} texts (a text split in two?)")
+    return vectors
+
+
+def parse_verbose_ids(stdout: str, stderr: str, count: int) -> list[list[int]]:
+    """The token ids llama-embedding's `--verbose-prompt` prints: per prompt "number of tokens in prompt = K" (on
+    stderr) and K lines "%6d -> '<piece>'" (on stdout, before the JSON)."""
+    sizes = [int(k) for k in re.findall(r"number of tokens in prompt = (\d+)", stderr)]
+    end = stdout.find('{\n  "object": "list"')
+    head = stdout if end < 0 else stdout[:end]
+    ids = [int(i) for i in re.findall(r"(?m)^[ \t]*(-?\d+) -> '", head)]
+    if len(sizes) != count or sum(sizes) != len(ids):
+        raise Refused(
+            f"llama-embedding --verbose-prompt: {len(sizes)} prompts and {len(ids)} tokens, not {count} texts"
+        )
+    out, at = [], 0
+    for k in sizes:
+        out.append(ids[at : at + k])
+        at += k
+    return out
+
+
+def llama_embedding_run(program: Path, gguf: Path, texts: list[str], work: Path) -> tuple[list, list]:
+    """README.md's llama-embedding lines run as written in `work` by bash (the NFC filter, then the program found
+    first on PATH, here `program`), GGUF_NAME replaced by `gguf`; texts.txt holds `texts` joined by the
+    separator, ending with a newline as an editor writes it. Vectors from that run; the ids from the same command
+    with `--verbose-prompt` added (the ids are not otherwise printed)."""
+    from jina_v4.apps.export import GGUF_NAME, LLAMA_EMBEDDING
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "texts.txt").write_text(separator().join(texts) + "\n", encoding="utf-8")
+    command = edited(LLAMA_EMBEDDING, GGUF_NAME, shlex.quote(str(gguf)))
+    env = {**os.environ, "PATH": f"{program.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    runs = []
+    for extra in ("", " --verbose-prompt"):
+        try:
+            run = subprocess.run(
+                ["bash", "-c", command + extra], cwd=work, env=env, capture_output=True, timeout=PROGRAM_TIMEOUT
+            )
+        except subprocess.TimeoutExpired:
+            raise Refused(f"README.md's llama-embedding command ran past {PROGRAM_TIMEOUT} s") from None
+        out, err = run.stdout.decode("utf-8", "replace"), run.stderr.decode("utf-8", "replace")
+        if run.returncode != 0:
+            raise Refused(f"README.md's llama-embedding command{extra} failed (exit {run.returncode}):\n{_tail(err)}")
+        runs.append((out, err))
+    vectors = parse_embedding_json(runs[0][0], len(texts))
+    return parse_verbose_ids(runs[1][0], runs[1][1], len(texts)), vectors
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def llama_server_run(program: Path, gguf: Path, texts: list[str], work: Path) -> tuple[list, list]:
+    """README.md's llama-server command run as written (the program `program`, GGUF_NAME replaced by `gguf`, its
+    port by a free one; it listens on 127.0.0.1, its default), then POST /v1/embeddings with the NFC-normalised
+    texts as README.md says, and POST /tokenize (special tokens added and parsed, as /v1/embeddings tokenizes)
+    for the ids. The server is stopped afterwards; every wait is bounded."""
+    from jina_v4.apps.export import GGUF_NAME, LLAMA_SERVER
+
+    port = free_port()
+    argv = shlex.split(edited(edited(LLAMA_SERVER, GGUF_NAME, shlex.quote(str(gguf))), "--port 8080", f"--port {port}"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    nfc = [unicodedata.normalize("NFC", t) for t in texts]
+    with open(work / "llama-server.log", "wb") as log:
+        proc = subprocess.Popen([str(program), *argv[1:]], stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        try:
+            deadline = time.monotonic() + PROGRAM_TIMEOUT
+            while True:
+                if proc.poll() is not None:
+                    text = (work / "llama-server.log").read_text("utf-8", "replace")
+                    raise Refused(f"README.md's llama-server command exited ({proc.returncode}):\n{_tail(text)}")
+                try:
+                    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise Refused(f"llama-server did not answer /health within {PROGRAM_TIMEOUT} s")
+                time.sleep(0.2)
+            try:
+                doc = _post(f"{base}/v1/embeddings", {"input": nfc}, PROGRAM_TIMEOUT)
+                data = sorted(doc["data"], key=lambda d: d["index"])
+                vectors = [[float(x) for x in d["embedding"]] for d in data]
+                ids = [_post(f"{base}/tokenize", {"content": t, "add_special": True}, 60)["tokens"] for t in nfc]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise Refused(f"llama-server's /v1/embeddings or /tokenize failed: {e}") from None
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
+    if len(vectors) != len(texts):
+        raise Refused(f"llama-server gave {len(vectors)} embeddings for {len(texts)} texts")
+    return ids, vectors
+
+
+def check_programs(llama_bin, ggufs, named, ours_ids, ours, work: Path) -> tuple[list[Variant], list[str]]:
+    """llama-embedding and llama-server, where found, on the GGUFs [(name, path, bounded)], as README.md tells:
+    each a Variant; and what was not found (skipped, not an error)."""
+    variants, notes = [], []
+    texts = [p for _, p in named]
+    runs = {"llama-embedding": llama_embedding_run, "llama-server": llama_server_run}
+    for program_name, run in runs.items():
+        program = find_program(program_name, llama_bin)
+        if program is None:
+            where = f"in {llama_bin}" if llama_bin is not None else "on PATH (--llama-bin DIR)"
+            notes.append(f"{program_name}: not found {where}; its README.md command was not run")
+            continue
+        for name, path, bounded in ggufs:
+            v = Variant(f"{program_name}, {name}", bounded)
+            ids, vectors = run(program, path, texts, work / f"{program_name}-{path.stem}")
+            for (probe, _), oi, o, ti, t in zip(named, ours_ids, ours, ids, vectors):
+                v.rows.append(compare(probe, v.name, oi, o, ti, t))
+            variants.append(v)
+    return variants, notes
+
+
 def jina_v4_run(model, task: str) -> tuple[list[list[int]], list[list[float]]]:
     """jina_v4's ids and fp32 single vectors (full width, L2-normalised) for each probe, through its own API:
     the text and its role (jina_v4 adds the prefix)."""
@@ -240,7 +420,7 @@ def jina_v4_run(model, task: str) -> tuple[list[list[int]], list[list[float]]]:
     return ids, vectors
 
 
-def check_llama_cpp(args, model, out: Path) -> list[Variant]:
+def check_llama_cpp(args, model, out: Path) -> tuple[list[Variant], list[str]]:
     from jina_v4.apps.export import export
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -264,15 +444,17 @@ def check_llama_cpp(args, model, out: Path) -> list[Variant]:
         ggufs.append(("f32 GGUF, plain Llama.embed (no NFC, no special tokens)", f32, "plain", False, False))
     variants = []
     for name, path, kind, bounded, told in ggufs:
-        v = Variant(name, bounded, told=told)
+        v = Variant(f"llama-cpp-python, {name}", bounded, told=told)
         ids, vectors = llama_cpp_run(path, texts, kind)
         for (probe, _), oi, o, ti, t in zip(named, ours_ids, ours, ids, vectors):
-            v.rows.append(compare(probe, name, oi, o, ti, t))
+            v.rows.append(compare(probe, v.name, oi, o, ti, t))
         variants.append(v)
-    return variants
+    programs = [(name, path, bounded) for name, path, kind, bounded, told in ggufs if kind == "as-told"]
+    more, notes = check_programs(args.llama_bin, programs, named, ours_ids, ours, out / "programs")
+    return variants + more, notes
 
 
-def check_vllm(args, model, out: Path) -> list[Variant]:
+def check_vllm(args, model, out: Path) -> tuple[list[Variant], list[str]]:
     if importlib.util.find_spec("vllm") is None:
         raise Missing("vLLM is not installed here: --engine vllm needs vLLM and a GPU")
     import torch
@@ -293,7 +475,7 @@ def check_vllm(args, model, out: Path) -> list[Variant]:
         states = llm.encode([prompt], pooling_task="token_embed")[0].outputs.data.float()
         mean = torch.nn.functional.normalize(states.mean(0), dim=-1)
         v.rows.append(compare(probe, v.name, oi, o, ids, mean.tolist()))
-    return [v]
+    return [v], []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="keep the export and GGUFs here (a new or empty directory)")
     ap.add_argument(
         "--without-rules", action="store_true", help="also measure n_ubatch 512 and a plain Llama.embed (no NFC, ...)"
+    )
+    ap.add_argument(
+        "--llama-bin", type=Path, help="the folder of llama.cpp's llama-embedding and llama-server (else PATH)"
     )
     ap.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = ap.parse_args(argv)
@@ -324,11 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.work or Path(tmp)
         try:
-            variants = check(args, model, out)
+            variants, notes = check(args, model, out)
         except Missing as e:
             print(f"check_export: {e}", file=sys.stderr)
             return 2
+        except Refused as e:
+            print(f"check_export: FAIL: {e}", file=sys.stderr)
+            return 1
     print(f"{args.engine} against jina_v4 fp32, task {args.task}, {args.model}")
+    for note in notes:
+        print(note)
     print(report(variants, args.tol))
     if args.json:
         rows = [r.__dict__ for v in variants for r in v.rows]

@@ -4,6 +4,8 @@ engine is missing, and README.md's llama-cpp-python snippet run against a stand-
 records what the engine would be asked (NFC text, special tokens parsed, one batch per text, f32 KV cache)."""
 
 import json
+import shlex
+import socket
 import subprocess
 import sys
 import types
@@ -178,3 +180,156 @@ def test_export_readmes_and_limits(demo_qwen, checkpoints, models, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (Path(path) / "tokenizer.json").read_bytes()
     vllm = ex.export(models("gqa2-sharded"), checkpoints["gqa2-sharded"], "code", "vllm", tmp_path / "vllm")
     assert "max_model_len=32768" in (vllm / "README.md").read_text()
+
+
+# A stand-in for llama.cpp's programs: `llama-embedding` prints what the real one prints (its JSON list with
+# "%1.7f" components; with --verbose-prompt the token lines on stdout and the counts on stderr), `llama-server`
+# serves /health, /v1/embeddings and /tokenize on 127.0.0.1. A token is a UTF-8 byte; a vector is fake_vector's.
+FAKE = """
+import json, os, sys, unicodedata
+from pathlib import Path
+
+def vector(text):
+    b = text.encode("utf-8")
+    v = [len(b), sum(b) % 97 + 1, 1.0, -0.5]
+    n = sum(x * x for x in v) ** 0.5
+    return [x / n for x in v]
+
+args = sys.argv[1:]
+Path("argv.json").write_text(json.dumps(args))
+if os.path.basename(sys.argv[0]) == "llama-embedding":
+    if "--embedding" in args:
+        sys.exit("error: invalid argument: --embedding")
+    prompt = Path(args[args.index("-f") + 1]).read_text(encoding="utf-8")
+    prompt = prompt[:-1] if prompt.endswith("\\n") else prompt  # as llama.cpp's -f does
+    texts = prompt.split(args[args.index("--embd-separator") + 1])
+    if "--verbose-prompt" in args:
+        for t in texts:
+            print(f"main: number of tokens in prompt = {len(t.encode())}", file=sys.stderr)
+            for i in t.encode():
+                print("%6d -> '%s'" % (i, chr(i)))
+            print("\\n")
+    data = ",\\n".join(
+        '    {\\n      "object": "embedding",\\n      "index": %d,\\n      "embedding": [%s]\\n    }'
+        % (j, ",".join("%1.7f" % x for x in vector(t)))
+        for j, t in enumerate(texts)
+    )
+    print('{\\n  "object": "list",\\n  "data": [\\n' + data + "\\n  ]\\n}\\n")
+    print("llama_perf_context_print: load time = 1 ms", file=sys.stderr)
+else:
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def reply(self, doc):
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.reply({"status": "ok"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                self.reply({"tokens": list(body["content"].encode())})
+            else:
+                data = [{"index": i, "embedding": vector(t)} for i, t in enumerate(body["input"])]
+                self.reply({"object": "list", "data": data[::-1]})
+
+        def log_message(self, *a):
+            pass
+
+    HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), H).serve_forever()
+"""
+
+
+def fake_vector(text):
+    ns = {}
+    exec(FAKE.split("args = sys.argv")[0], ns)
+    return ns["vector"](text)
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("llama-embedding", "llama-server"):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{FAKE}")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+PROGRAM_PROBES = [
+    ("nfd", "Query: Cafe\u0301 <|im_end|>"),
+    ("multi-line", "Passage: first\nsecond\n"),
+    ("x", "Query: x"),
+]
+
+
+def program_check(bin_dir, tmp_path, programs, shift=0.0):
+    """check_programs on a pretend f32 GGUF, jina_v4's side being what the README's rules give: NFC text, its
+    UTF-8 bytes as ids, fake_vector (moved by `shift` in its first component)."""
+    nfc = [unicodedata.normalize("NFC", p) for _, p in PROGRAM_PROBES]
+    ours_ids = [list(t.encode()) for t in nfc]
+    ours = [[x + shift * (i == 0) for i, x in enumerate(fake_vector(t))] for t in nfc]
+    for name in {"llama-embedding", "llama-server"} - set(programs):
+        (bin_dir / name).unlink(missing_ok=True)
+    ggufs = [("f32 GGUF, f32 KV cache", tmp_path / "m f32.gguf", True)]
+    return check_export.check_programs(bin_dir, ggufs, PROGRAM_PROBES, ours_ids, ours, tmp_path / "work")
+
+
+def test_llama_embedding_runs_the_readme_command(fake_bin, tmp_path):
+    variants, notes = program_check(fake_bin, tmp_path, ["llama-embedding"])
+    assert notes == [f"llama-server: not found in {fake_bin}; its README.md command was not run"]
+    [v] = variants
+    assert v.name == "llama-embedding, f32 GGUF, f32 KV cache" and v.bounded
+    assert [r.probe for r in v.rows] == ["nfd", "multi-line", "x"] and all(r.ids_equal for r in v.rows)
+    assert all(r.max_abs <= 5e-8 and r.cosine == pytest.approx(1, abs=1e-7) for r in v.rows)  # "%1.7f" rounding
+    assert check_export.verdict(variants, 1e-6) == []
+    work = tmp_path / "work" / "llama-embedding-m f32"
+    # the README's command as written: only the GGUF's name replaced (the second run adds --verbose-prompt)
+    readme = shlex.split(
+        ex.LLAMA_EMBEDDING.splitlines()[1].replace(ex.GGUF_NAME, shlex.quote(str(tmp_path / "m f32.gguf")))
+    )
+    assert json.loads((work / "argv.json").read_text()) == readme[1:] + ["--verbose-prompt"]
+    nfc = "<#sep#>".join(unicodedata.normalize("NFC", p) for _, p in PROGRAM_PROBES) + "\n"
+    assert (work / "texts-nfc.txt").read_text(encoding="utf-8") == nfc  # the NFC line ran before the program
+    moved = program_check(fake_bin, tmp_path / "far", ["llama-embedding"], shift=2e-6)[0]
+    bad = check_export.verdict(moved, 1e-6)  # 2e-6 off jina_v4's vector: every input fails the bound
+    assert [b.split(" ")[0] for b in bad] == ["nfd", "multi-line", "x"] and all("e-06 > 1e-06" in b for b in bad)
+
+
+def test_programs_not_found_are_skipped_and_a_refused_command_fails(fake_bin, tmp_path):
+    variants, notes = check_export.check_programs(tmp_path / "none", [], PROGRAM_PROBES, [], [], tmp_path / "w")
+    assert variants == [] and [n.split(":")[0] for n in notes] == ["llama-embedding", "llama-server"]
+    assert all("not found in" in n for n in notes)
+    fake = (fake_bin / "llama-embedding").read_text()
+    (fake_bin / "llama-embedding").write_text(fake.replace('"--embedding" in args', "True"))
+    with pytest.raises(check_export.Refused, match="llama-embedding command failed .exit 1.:\nerror: invalid argument"):
+        program_check(fake_bin, tmp_path, ["llama-embedding"])
+    with pytest.raises(check_export.Refused, match="no JSON list"):
+        check_export.parse_embedding_json("main: error\n", 1)
+    with pytest.raises(check_export.Refused, match="gave 1 embeddings for 2 texts"):
+        check_export.parse_embedding_json('{\n  "object": "list", "data": [{"index": 0, "embedding": [1.0]}]}', 2)
+    stderr = "number of tokens in prompt = 2\nnumber of tokens in prompt = 1\n"
+    assert check_export.parse_verbose_ids("    10 -> '\n'\n   7 -> 'a'\n\n\n    9 -> 'b'\n\n\n", stderr, 2) == [
+        [10, 7],
+        [9],
+    ]
+
+
+@pytest.mark.slow
+def test_llama_server_runs_the_readme_command(fake_bin, tmp_path):
+    variants, notes = program_check(fake_bin, tmp_path, ["llama-server"])
+    assert notes == [f"llama-embedding: not found in {fake_bin}; its README.md command was not run"]
+    [v] = variants
+    assert v.name == "llama-server, f32 GGUF, f32 KV cache" and all(r.ids_equal for r in v.rows)
+    assert all(r.max_abs <= 1e-7 for r in v.rows)  # sorted by index (the stand-in answers in reverse)
+    argv = json.loads((tmp_path / "work" / "llama-server-m f32" / "argv.json").read_text())
+    port = argv[argv.index("--port") + 1]
+    readme = shlex.split(ex.LLAMA_SERVER.replace(ex.GGUF_NAME, shlex.quote(str(tmp_path / "m f32.gguf"))))
+    assert argv == readme[1:-1] + [port] and port != "8080"
+    with pytest.raises(OSError):  # stopped afterwards
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5)

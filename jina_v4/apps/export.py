@@ -300,7 +300,8 @@ program): the GGUF carries no pooling type, and mean is the one to specify.
 ```
 
 POST `/v1/embeddings` with `{{"input": ["Query: ..."]}}` returns L2-normalised vectors; NFC-normalise the texts
-first. The server reads special tokens typed in a text, as jina_v4 does.
+first. The server reads special tokens typed in a text, as jina_v4 does. Its warning "embeddings required but some
+input tokens were not marked as outputs -> overriding" is harmless (every token is pooled).
 
 ## Numerics
 

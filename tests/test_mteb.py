@@ -16,7 +16,6 @@ mteb = pytest.importorskip("mteb")
 
 from datasets import Dataset
 from mteb.abstasks.sts import AbsTaskSTS
-from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.model_implementations.jina_models import JinaV4Wrapper
 from mteb.types import PromptType
 from scipy.stats import spearmanr
@@ -24,7 +23,7 @@ from scipy.stats import spearmanr
 from jina_v4 import JinaV4
 from jina_v4.apps import cli, evaluate
 from jina_v4.apps import mteb_model as mm
-from jina_v4.apps.mteb_model import MODEL_PROMPTS, JinaV4MTEB, MTEBError, folder_task
+from jina_v4.apps.mteb_model import MODEL_PROMPTS, JinaV4MTEB, MTEBError, folder_task, local_metadata
 
 from test_evaluate import image_data, text_data, write_beir
 
@@ -45,29 +44,7 @@ def mteb_rounded(x: float) -> float:
     return round(x, 5)
 
 
-def metadata(name: str, type: str, **kw) -> TaskMetadata:
-    """What a local task needs; dataset path and revision are placeholders (no hub)."""
-    fields = dict(
-        name=name,
-        description="a local test task",
-        reference=None,
-        dataset={"path": "local", "revision": "local"},
-        type=type,
-        category="t2t",
-        modalities=["text"],
-        eval_splits=["test"],
-        eval_langs=["eng-Latn"],
-        main_score="ndcg_at_10",
-        date=None,
-        domains=[],
-        task_subtypes=None,
-        license=None,
-        annotations_creators=None,
-        dialect=None,
-        sample_creation=None,
-        bibtex_citation="",
-    )
-    return TaskMetadata(**{**fields, **kw})
+metadata = local_metadata  # what a test task needs
 
 
 PAIRS = [

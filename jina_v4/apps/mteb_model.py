@@ -249,6 +249,30 @@ class JinaV4MTEB(AbsEncoder):
 # ---- tasks: MTEB's by name or benchmark, or a local folder in `jina-v4 eval`'s layouts ------------------------------
 
 
+def local_metadata(name: str, type: str, **fields) -> TaskMetadata:
+    """The TaskMetadata of a task that lives on this machine: an English text task scored by nDCG@10 unless
+    `fields` say otherwise; its dataset path and revision are placeholders (no hub)."""
+    defaults = dict(
+        description="a local task",
+        reference=None,
+        dataset={"path": "local", "revision": "local"},
+        category="t2t",
+        modalities=["text"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="ndcg_at_10",
+        date=None,
+        domains=[],
+        task_subtypes=None,
+        license=None,
+        annotations_creators=None,
+        dialect=None,
+        sample_creation=None,
+        bibtex_citation="",
+    )
+    return TaskMetadata(name=name, type=type, **{**defaults, **fields})
+
+
 def folder_task(path: str | Path, split: str | None = None, **metadata):
     """An MTEB retrieval task built from a BEIR-layout folder (type Retrieval) or an image-document folder
     (type DocumentUnderstanding, text queries against page images), read as `jina-v4 eval` reads them; no hub.
@@ -263,25 +287,14 @@ def folder_task(path: str | Path, split: str | None = None, **metadata):
         raise MTEBError(f"{data.path}: a corpus of both texts and images is not one MTEB task; split it in two")
     images = kinds == {"image"}
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(data.path).resolve().name)
-    meta = TaskMetadata(
-        name=f"Local-{name}",
+    meta = local_metadata(
+        f"Local-{name}",
+        "DocumentUnderstanding" if images else "Retrieval",
         description=f"A local {'image-document' if images else 'BEIR-layout'} folder: {data.path}",
-        reference=None,
         dataset={"path": str(data.path), "revision": data.corpus_digest[:12] + data.queries_digest[:12]},
-        type="DocumentUnderstanding" if images else "Retrieval",
         category="t2i" if images else "t2t",
         modalities=["text", "image"] if images else ["text"],
         eval_splits=[data.split],
-        eval_langs=["eng-Latn"],
-        main_score="ndcg_at_10",
-        date=None,
-        domains=[],
-        task_subtypes=None,
-        license=None,
-        annotations_creators=None,
-        dialect=None,
-        sample_creation=None,
-        bibtex_citation="",
     ).model_copy(update=metadata)
     from .evaluate import relevant
 
